@@ -1,0 +1,1 @@
+"""The Ray Serve application of vlsae-ray (HTTP API over the library)."""

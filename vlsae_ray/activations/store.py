@@ -1,0 +1,163 @@
+"""The activation shard store.
+
+Protocol (every reader and writer of activations follows it):
+
+- A dataset is a folder URI (local path, file:// or s3://) holding immutable shards and one
+  `manifest.json`.
+- A shard is one safetensors file `shards/shard-{index:06d}.safetensors` with the tensors
+  `activations` [rows, d] (the dataset's dtype) and `token_index` [rows] int32, and the metadata
+  `source_ids` (a JSON list of the rows' item ids). Row r of a shard came from item
+  `source_ids[r]`, token `token_index[r]`, so every activation traces back to its input.
+- A shard is written whole and atomically (`storage.write_bytes`: temporary name then rename on
+  disk, a single PUT on S3), then committed by listing it in the manifest with its row count and
+  SHA-256. Anything in `shards/` that the manifest does not list is not part of the dataset.
+- The manifest is replaced atomically as a whole. A shard index always holds the same items, so
+  a rerun of an interrupted job skips committed shard indices and never duplicates a row.
+- `stats` in the manifest holds the normalisation statistics over all committed rows: the mean
+  activation and the mean squared norm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, computed_field
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from vlsae_ray import storage
+
+FORMAT = "vlsae-activations/1"
+MANIFEST = "manifest.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ShardRecord(BaseModel):
+    index: int
+    name: str
+    rows: int
+    sha256: str
+    # Sufficient statistics for the normalisation pass, summed over the shard's rows.
+    sum: list[float]
+    sum_squared_norm: float
+
+
+class Manifest(BaseModel):
+    # `rows` and `stats` are derived and written for readers' convenience; they are recomputed on load.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    format: str = FORMAT
+    d: int
+    dtype: str
+    model: str
+    hook_point: str
+    token: str
+    shards: list[ShardRecord] = []
+
+    @computed_field
+    @property
+    def rows(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+    @computed_field
+    @property
+    def stats(self) -> dict:
+        """Mean activation and mean squared norm over all committed rows."""
+        rows = max(self.rows, 1)
+        total = np.sum([shard.sum for shard in self.shards], axis=0) if self.shards else np.zeros(self.d)
+        return {
+            "mean": (total / rows).tolist(),
+            "mean_squared_norm": sum(shard.sum_squared_norm for shard in self.shards) / rows,
+        }
+
+
+def shard_name(index: int) -> str:
+    return f"shards/shard-{index:06d}.safetensors"
+
+
+def read_manifest(dataset: str) -> Manifest:
+    uri = storage.join(dataset, MANIFEST)
+    try:
+        raw = storage.read_text(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no activation dataset at {dataset!r} (missing {MANIFEST}); run `vlsae extract` first"
+        ) from None
+    return Manifest.model_validate_json(raw)
+
+
+def read_manifest_or_none(dataset: str) -> Manifest | None:
+    try:
+        return read_manifest(dataset)
+    except FileNotFoundError:
+        return None
+
+
+def commit(dataset: str, manifest: Manifest, records: list[ShardRecord]) -> Manifest:
+    """List `records` in the manifest (by shard index, replacing none) and write it atomically."""
+    known = {shard.index for shard in manifest.shards}
+    new = [record for record in records if record.index not in known]
+    shards = sorted([*manifest.shards, *new], key=lambda shard: shard.index)
+    manifest = manifest.model_copy(update={"shards": shards})
+    storage.write_text(storage.join(dataset, MANIFEST), manifest.model_dump_json(indent=1))
+    return manifest
+
+
+def write_shard(
+    dataset: str, index: int, activations_nd: torch.Tensor, source_ids: list[str], token_index: torch.Tensor
+) -> ShardRecord:
+    """Write one shard atomically and return its (not yet committed) record."""
+    if activations_nd.shape[0] != len(source_ids) or token_index.shape[0] != len(source_ids):
+        raise ValueError("a shard needs one source id and one token index per activation row")
+    tensors = {"activations": activations_nd.contiguous(), "token_index": token_index.to(torch.int32)}
+    data = save_safetensors(tensors, metadata={"source_ids": json.dumps(source_ids), "format": FORMAT})
+    name = shard_name(index)
+    storage.write_bytes(storage.join(dataset, name), data)
+    x = activations_nd.double()
+    return ShardRecord(
+        index=index,
+        name=name,
+        rows=len(source_ids),
+        sha256=hashlib.sha256(data).hexdigest(),
+        sum=x.sum(0).tolist(),
+        sum_squared_norm=float((x * x).sum()),
+    )
+
+
+def read_shard(
+    dataset: str, record: ShardRecord, verify: bool = True
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(activations [rows, d], source ids, token index) of one committed shard."""
+    uri = storage.join(dataset, record.name)
+    data = storage.read_bytes(uri)
+    if verify and hashlib.sha256(data).hexdigest() != record.sha256:
+        raise ValueError(f"shard {uri!r} does not match its manifest checksum: it was changed or is corrupt")
+    tensors = load_safetensors(data)
+    source_ids = json.loads(_safetensors_metadata(data)["source_ids"])
+    return tensors["activations"], source_ids, tensors["token_index"]
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    header_size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
+
+
+def iter_shards(dataset: str) -> Iterator[tuple[torch.Tensor, list[str], torch.Tensor]]:
+    manifest = read_manifest(dataset)
+    for record in manifest.shards:
+        yield read_shard(dataset, record)
+
+
+def load_activations(dataset: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[str]]:
+    """The whole dataset in memory as ([N, d], source ids): for small datasets, notebooks and tests."""
+    parts, ids = [], []
+    for activations, source_ids, _ in iter_shards(dataset):
+        parts.append(activations.to(dtype))
+        ids.extend(source_ids)
+    if not parts:
+        raise ValueError(f"activation dataset {dataset!r} has no committed shards")
+    return torch.cat(parts), ids

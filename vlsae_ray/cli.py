@@ -1,0 +1,144 @@
+"""The `vlsae` command: one subcommand per job, plus the end-to-end demo.
+
+    vlsae demo [--s3] [--root URI]      the whole pipeline on this machine
+    vlsae extract|train|evaluate|label -c CONFIG
+    vlsae serve -c CONFIG               the HTTP API (blocks until interrupted)
+    vlsae local-s3 --dir DIR            a SeaweedFS S3 server on loopback (blocks)
+
+Each job joins the Ray cluster it runs in (`ray job submit`) or starts a local one on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vlsae_ray.config import (
+    ConfigError,
+    EvaluateConfig,
+    ExtractConfig,
+    LabelConfig,
+    ServeConfig,
+    TrainConfig,
+    load_config,
+)
+from vlsae_ray.storage import StorageError
+
+
+def _extract(config: ExtractConfig):
+    from vlsae_ray.activations.extract import run_extract
+
+    return run_extract(config)
+
+
+def _train(config: TrainConfig):
+    from vlsae_ray.train.ray_train import run_train
+
+    return run_train(config)
+
+
+def _evaluate(config: EvaluateConfig):
+    from vlsae_ray.eval.evaluate import run_evaluate
+
+    return run_evaluate(config)
+
+
+def _label(config: LabelConfig):
+    from vlsae_ray.interpret.top_examples import run_label
+
+    return run_label(config)
+
+
+JOBS = {
+    "extract": (ExtractConfig, _extract, "extract backbone activations into a shard dataset"),
+    "train": (TrainConfig, _train, "train an SAE on an activation dataset with Ray Train"),
+    "evaluate": (EvaluateConfig, _evaluate, "FVU, L0, dead latents and Monosemanticity Score of an SAE"),
+    "label": (LabelConfig, _label, "top-activating examples of every latent"),
+}
+
+
+def run_job(name: str, config_uri: str):
+    """Load and validate the config (before any work), then run the job."""
+    model, job, _ = JOBS[name]
+    return job(load_config(config_uri, model))
+
+
+def serve_forever(config_uri: str) -> None:
+    import time
+
+    from ray import serve
+
+    from serve.app import build_app
+    from vlsae_ray.local_stack import connect_ray
+
+    config = load_config(config_uri, ServeConfig)
+    connect_ray()
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="vlsae", route_prefix="/")
+    print(f"serving POST http://{config.host}:{config.port}/encode (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def run_local_s3(data_dir: str, port: int, buckets: tuple[str, ...]) -> None:
+    import time
+
+    from vlsae_ray.local_stack import SeaweedFS
+
+    with SeaweedFS(data_dir, buckets, s3_port=port) as server:
+        print(f"export AWS_ENDPOINT_URL={server.endpoint}", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlsae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the whole pipeline on this machine and print a summary")
+    demo.add_argument(
+        "--root", help="where artifacts go (path or s3:// URI); default ./vlsae-demo, or a bucket with --s3"
+    )
+    demo.add_argument(
+        "--s3", action="store_true", help="start a local SeaweedFS S3 server and keep every artifact there"
+    )
+    demo.add_argument("--items", type=int, default=2048, help="image-caption items to extract")
+    for name, (_, _, help_text) in JOBS.items():
+        job = commands.add_parser(name, help=help_text)
+        job.add_argument("-c", "--config", required=True, help="YAML config (path, file:// or s3:// URI)")
+    serve_cmd = commands.add_parser("serve", help="serve POST /encode with Ray Serve")
+    serve_cmd.add_argument("-c", "--config", required=True)
+    s3 = commands.add_parser("local-s3", help="run a SeaweedFS S3 server on 127.0.0.1 until interrupted")
+    s3.add_argument("--dir", required=True, help="folder for its data (kept between runs)")
+    s3.add_argument("--port", type=int, default=8333)
+    s3.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.command == "demo":
+            from vlsae_ray.demo import run_demo
+
+            run_demo(root=args.root, use_s3=args.s3, n_items=args.items)
+        elif args.command == "serve":
+            serve_forever(args.config)
+        elif args.command == "local-s3":
+            run_local_s3(args.dir, args.port, tuple(args.bucket))
+        else:
+            summary = run_job(args.command, args.config)
+            print(summary.model_dump_json(indent=1))
+    except (ConfigError, StorageError, FileNotFoundError, ValueError) as error:
+        print(f"vlsae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

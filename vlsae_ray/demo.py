@@ -1,0 +1,186 @@
+"""`vlsae demo`: every stage once, on the embedded default, on this machine.
+
+extract (Ray Data) -> train (Ray Train, 2 workers) -> evaluate -> label -> serve (Ray Serve,
+one real HTTP request). Each stage's config is written next to the artifacts, so any stage can be
+rerun alone with `vlsae STAGE -c ROOT/configs/STAGE.yaml`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+
+import yaml
+
+from vlsae_ray import storage
+from vlsae_ray.config import (
+    BackboneConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    LabelConfig,
+    ServeConfig,
+    TrainConfig,
+    parse_config,
+)
+
+DEMO_BUCKET = "vlsae-demo"
+BLOCK = "visual.transformer.resblocks.2"
+EMBEDDING = "visual"
+
+
+def demo_configs(root: str, backbone: BackboneConfig, n_items: int, port: int) -> dict:
+    """The five stage configs of the demo, all artifacts under `root`."""
+    activations, embeddings = (
+        storage.join(root, "activations", BLOCK),
+        storage.join(root, "activations", EMBEDDING),
+    )
+    sae = storage.join(root, "sae")
+    raw = {
+        "extract": {
+            "source": {"n_items": n_items, "seed": 0},
+            "backbone": backbone.model_dump(),
+            "hook_points": [BLOCK, EMBEDDING],
+            "output": storage.join(root, "activations"),
+            "shard_rows": 512,
+        },
+        "train": {
+            "activations": activations,
+            "sae": {"architecture": "topk", "d_in": 128, "n_latents": 1024, "k": 16},
+            "training": {"batch_size": 256, "epochs": 8, "num_workers": 2, "cpus_per_worker": 0.5},
+            "output": sae,
+        },
+        "evaluate": {
+            "sae": sae,
+            "activations": activations,
+            "embeddings": embeddings,
+            "output": storage.join(root, "report"),
+        },
+        "label": {"sae": sae, "activations": activations, "top_k": 9, "output": storage.join(root, "labels")},
+        "serve": {
+            "sae": sae,
+            "backbone": backbone.model_dump(),
+            "hook_point": BLOCK,
+            "top_k": 8,
+            "port": port,
+        },
+    }
+    models = {
+        "extract": ExtractConfig,
+        "train": TrainConfig,
+        "evaluate": EvaluateConfig,
+        "label": LabelConfig,
+        "serve": ServeConfig,
+    }
+    return {name: parse_config(raw[name], models[name], source=f"demo {name} config") for name in raw}
+
+
+def _serve_check(config: ServeConfig) -> dict:
+    """Start the HTTP API, send one real image and one non-image, stop it."""
+    import requests
+    from ray import serve
+
+    from serve.app import build_app
+    from vlsae_ray.activations.sources import load_image, package_photo_items
+
+    serve.start(http_options={"host": config.host, "port": config.port})
+    try:
+        serve.run(build_app(config), name="vlsae", route_prefix="/")
+        url = f"http://{config.host}:{config.port}/encode"
+        item = package_photo_items(1)[0]
+        png = io.BytesIO()
+        load_image(item["id"]).save(png, format="PNG")
+        good = requests.post(url, files={"image": ("photo.png", png.getvalue(), "image/png")}, timeout=60)
+        bad = requests.post(url, files={"image": ("notes.txt", b"not an image", "text/plain")}, timeout=60)
+        return {
+            "url": url,
+            "item": item["id"],
+            "status": good.status_code,
+            "response": good.json(),
+            "bad_status": bad.status_code,
+        }
+    finally:
+        serve.shutdown()
+
+
+def run_demo(root: str | None = None, use_s3: bool = False, n_items: int = 2048) -> dict:
+    from vlsae_ray.activations.extract import run_extract
+    from vlsae_ray.backbones import save_builtin_checkpoint
+    from vlsae_ray.eval.evaluate import run_evaluate
+    from vlsae_ray.interpret.top_examples import run_label
+    from vlsae_ray.local_stack import SeaweedFS, connect_ray, free_port
+    from vlsae_ray.train.ray_train import run_train
+
+    started = time.perf_counter()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # keep the demo's output readable
+    with contextlib.ExitStack() as stack:
+        if use_s3:
+            server = stack.enter_context(SeaweedFS(buckets=(DEMO_BUCKET,)))
+            print(f"SeaweedFS S3 server on {server.endpoint}", flush=True)
+            root = root or f"s3://{DEMO_BUCKET}/demo"
+        root = root or os.path.abspath("vlsae-demo")
+        connect_ray()
+        stack.callback(_shutdown_ray)
+        checkpoint = save_builtin_checkpoint(storage.join(root, "backbone", "vlsae-tiny-clip.pt"))
+        backbone = BackboneConfig(model="vlsae-tiny-clip", pretrained=checkpoint)
+        configs = demo_configs(root, backbone, n_items, free_port())
+        for name, config in configs.items():
+            storage.write_text(
+                storage.join(root, "configs", f"{name}.yaml"), yaml.safe_dump(config.model_dump(mode="json"))
+            )
+        timings, results = {}, {}
+        for name, job in (
+            ("extract", run_extract),
+            ("train", run_train),
+            ("evaluate", run_evaluate),
+            ("label", run_label),
+        ):
+            print(f"\n== {name}", flush=True)
+            t0 = time.perf_counter()
+            results[name] = job(configs[name])
+            timings[name] = time.perf_counter() - t0
+        print("\n== serve", flush=True)
+        t0 = time.perf_counter()
+        results["serve"] = _serve_check(configs["serve"])
+        timings["serve"] = time.perf_counter() - t0
+    _print_summary(root, results, timings, time.perf_counter() - started)
+    return results
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def _print_summary(root: str, results: dict, timings: dict, total: float) -> None:
+    extract, train, evaluate, label, served = (
+        results[k] for k in ("extract", "train", "evaluate", "label", "serve")
+    )
+    top = ", ".join(f"{x['latent']}={x['activation']:.2f}" for x in served["response"]["latents"][:5])
+    ms = evaluate.ms_latents_median
+    rows = [
+        ("extract", f"{extract.rows} rows x 2 hook points", ", ".join(extract.datasets.values())),
+        (
+            "train",
+            f"{train.steps} steps, {train.samples_per_second:.0f} samples/s, fvu {train.metrics['fvu']:.3f}",
+            train.output,
+        ),
+        (
+            "evaluate",
+            f"FVU {evaluate.fvu:.3f}, L0 {evaluate.l0:.1f}, dead {evaluate.dead_fraction:.1%}, "
+            f"median MS {ms:.3f} (neurons {evaluate.ms_neurons_median:.3f})",
+            evaluate.report,
+        ),
+        ("label", f"{label.latents_with_examples}/{label.n_latents} latents with top images", label.labels),
+        (
+            "serve",
+            f"POST /encode -> {served['status']}, top latents {top}; non-image -> {served['bad_status']}",
+            served["url"],
+        ),
+    ]
+    print(f"\nvlsae demo finished in {total:.0f} s; artifacts under {root}\n")
+    print(f"{'stage':<9} {'time':>6}  result")
+    for stage, text, where in rows:
+        print(f"{stage:<9} {timings[stage]:>5.0f}s  {text}\n{'':>17}{where}")

@@ -1,0 +1,75 @@
+"""The Monosemanticity Score (MS) of Pach et al. 2025 (arXiv 2504.02821, sec. 3.2).
+
+For neuron k with activations a_n over N images, min-max normalised over the images
+(ã_n = (a_n - min a) / (max a - min a)), and image embeddings e_n with cosine similarity s_nm:
+
+    MS_k = sum_{n<m} ã_n ã_m s_nm / sum_{n<m} ã_n ã_m
+
+The paper's reference is a double loop over image pairs. With unit embeddings the pair sums
+factorise (s_nn = 1):
+
+    sum_{n<m} ã_n ã_m s_nm = (||sum_n ã_n e_n||^2 - sum_n ã_n^2) / 2
+    sum_{n<m} ã_n ã_m      = ((sum_n ã_n)^2    - sum_n ã_n^2) / 2
+
+so the score costs O(N F D) in one pass over the images (after a pass for the min and max).
+A neuron that never varies (max = min) has no defined score: NaN. So does one whose normalised
+activation is nonzero on a single image (no weighted pair: 0 / 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MonosemanticityAccumulator:
+    """The two-pass streaming form: `observe` every chunk (min/max), then `accumulate` every chunk.
+
+    Chunks are ([n, F] activations, [n, D] embeddings) over the same images in any order; the
+    result does not depend on how the images are chunked.
+    """
+
+    def __init__(self, n_neurons: int, embedding_dim: int):
+        self.min_f = torch.full((n_neurons,), float("inf"), dtype=torch.float64)
+        self.max_f = torch.full((n_neurons,), float("-inf"), dtype=torch.float64)
+        self.weighted_fe = torch.zeros(n_neurons, embedding_dim, dtype=torch.float64)
+        self.sum_f = torch.zeros(n_neurons, dtype=torch.float64)
+        self.sum_squares_f = torch.zeros(n_neurons, dtype=torch.float64)
+
+    def observe(self, activations_nf: torch.Tensor) -> None:
+        a_nf = activations_nf.double()
+        self.min_f = torch.minimum(self.min_f, a_nf.min(0).values)
+        self.max_f = torch.maximum(self.max_f, a_nf.max(0).values)
+
+    def accumulate(self, activations_nf: torch.Tensor, embeddings_nd: torch.Tensor) -> None:
+        span_f = self.max_f - self.min_f
+        normalised_nf = (activations_nf.double() - self.min_f) / torch.where(span_f > 0, span_f, 1.0)
+        unit_nd = torch.nn.functional.normalize(embeddings_nd.double(), dim=-1)
+        self.weighted_fe += normalised_nf.T @ unit_nd
+        self.sum_f += normalised_nf.sum(0)
+        self.sum_squares_f += normalised_nf.pow(2).sum(0)
+
+    def score(self) -> torch.Tensor:
+        numerator_f = (self.weighted_fe.pow(2).sum(-1) - self.sum_squares_f) / 2
+        denominator_f = (self.sum_f.pow(2) - self.sum_squares_f) / 2
+        # exact zero pairs (a single nonzero image) are 0/0; tiny negatives are rounding of zero
+        valid_f = (self.max_f > self.min_f) & (denominator_f > 1e-12 * self.sum_f.pow(2).clamp_min(1e-300))
+        return torch.where(valid_f, numerator_f / denominator_f, torch.nan).float()
+
+
+def monosemanticity_score(
+    activations: torch.Tensor, embeddings: torch.Tensor, chunk_size: int = 8192
+) -> torch.Tensor:
+    """MS of every neuron: activations [N, F] of N images, embeddings [N, D] of the same images -> [F]."""
+    if activations.ndim != 2 or embeddings.ndim != 2 or activations.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"expected activations [N, F] and embeddings [N, D] over the same N images, got "
+            f"{tuple(activations.shape)} and {tuple(embeddings.shape)}"
+        )
+    accumulator = MonosemanticityAccumulator(activations.shape[1], embeddings.shape[1])
+    for start in range(0, activations.shape[0], chunk_size):
+        accumulator.observe(activations[start : start + chunk_size])
+    for start in range(0, activations.shape[0], chunk_size):
+        accumulator.accumulate(
+            activations[start : start + chunk_size], embeddings[start : start + chunk_size]
+        )
+    return accumulator.score()

@@ -1,0 +1,93 @@
+"""BatchTopK SAE (Bussmann, Leask and Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410).
+
+Training keeps the k·B largest pre-activations of the whole batch, so a sample may use more or
+fewer than k latents. Inference cannot depend on the batch: it keeps every pre-activation above
+one global threshold θ, learned during training as a running average of the smallest kept
+activation (Bussmann et al. 2024, sec. 3), which makes the inference L0 close to k.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from vlsae_ray.sae.base import register
+from vlsae_ray.sae.kernels import SparseLatents
+from vlsae_ray.sae.topk import TopKConfig, TopKSAE
+
+# Per-sample candidates for the batch-wide top k·B; a denser sample adds its entries above the cutoff.
+CANDIDATE_FACTOR = 4
+
+
+class BatchTopKConfig(TopKConfig):
+    architecture: Literal["batchtopk"] = "batchtopk"
+    threshold_momentum: float = Field(
+        default=0.99, ge=0, lt=1, description="momentum of the running average that learns the threshold"
+    )
+
+
+def batch_topk(pre_bf: torch.Tensor, k: int) -> SparseLatents:
+    """The k·B largest positive entries of `pre_bf` over the whole batch, as SparseLatents.
+
+    Exact without sorting B·F values: pool each sample's top min(F, 4k) candidates; c, the pool's
+    (k·B)-th largest, is at most the batch's. A sample whose last candidate is >= c may hold more
+    entries >= c, so its entries >= c join the pool; the pool then holds every entry >= c, hence
+    the batch's top k·B.
+    """
+    batch, n_latents = pre_bf.shape
+    n_candidates = min(n_latents, CANDIDATE_FACTOR * k)
+    values_bc, indices_bc = pre_bf.topk(n_candidates, dim=-1, sorted=True)
+    cutoff = values_bc.flatten().topk(k * batch, sorted=False).values.min()
+    saturated_b = (
+        values_bc[:, -1] >= cutoff
+        if n_candidates < n_latents
+        else torch.zeros_like(cutoff, dtype=torch.bool).expand(batch)
+    )
+    rows_p, slots_p = (~saturated_b[:, None]).expand_as(values_bc).nonzero(as_tuple=True)
+    indices_p, values_p = indices_bc[rows_p, slots_p], values_bc[rows_p, slots_p]
+    if bool(saturated_b.any()):
+        rows_s = saturated_b.nonzero().squeeze(-1)
+        hit_rows, indices_s = (pre_bf[rows_s] >= cutoff).nonzero(as_tuple=True)
+        rows_s = rows_s[hit_rows]
+        rows_p = torch.cat([rows_p, rows_s])
+        indices_p = torch.cat([indices_p, indices_s])
+        values_p = torch.cat([values_p, pre_bf[rows_s, indices_s]])
+    kept = values_p.topk(k * batch, sorted=False).indices
+    kept = kept[values_p[kept] > 0]
+    kept = kept[rows_p[kept].argsort(stable=True)]
+    counts_b = torch.bincount(rows_p[kept], minlength=batch)
+    offsets_b1 = torch.cat([counts_b.new_zeros(1), counts_b.cumsum(0)])
+    return SparseLatents(indices_p[kept], values_p[kept], offsets_b1, n_latents)
+
+
+@register(BatchTopKConfig)
+class BatchTopKSAE(TopKSAE):
+    """Training: z = ReLU(BatchTopK_{k·B}(pre)); inference: z = pre · 1[pre > θ]; loss = MSE + AuxK."""
+
+    config: BatchTopKConfig
+
+    def __init__(self, config: BatchTopKConfig):
+        super().__init__(config)
+        # θ in raw units (it compares with raw pre-activations); 0 until the first training batch.
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("threshold_updates", torch.tensor(0))
+
+    def select(self, pre_bf: torch.Tensor) -> SparseLatents:
+        if not self.training:
+            return SparseLatents.from_mask(pre_bf, pre_bf > self.threshold)
+        pre = batch_topk(pre_bf, self.config.k)
+        if torch.is_grad_enabled() and pre.values_n.numel():
+            self.update_threshold_(pre.values_n.min())
+        return pre
+
+    @torch.no_grad()
+    def update_threshold_(self, smallest_kept: torch.Tensor) -> None:
+        """θ <- m θ + (1 - m) min(kept), started at the first batch's value."""
+        m = self.config.threshold_momentum if int(self.threshold_updates) > 0 else 0.0
+        self.threshold.mul_(m).add_((1 - m) * smallest_kept)
+        self.threshold_updates += 1
+
+    def max_active(self, batch: int) -> int | None:
+        return batch * self.config.k if self.training else None

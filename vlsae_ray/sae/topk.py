@@ -1,0 +1,86 @@
+"""TopK SAE with the AuxK loss (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from vlsae_ray.sae import kernels
+from vlsae_ray.sae.base import SparseAutoencoder, register
+from vlsae_ray.sae.config import BaseSAEConfig
+from vlsae_ray.sae.kernels import SparseLatents
+
+
+class TopKConfig(BaseSAEConfig):
+    architecture: Literal["topk"] = "topk"
+    k: int = Field(gt=0, description="active latents per sample")
+    aux_k: int | None = Field(
+        default=None,
+        gt=0,
+        description="dead latents used by the AuxK loss; default d_in // 2 (Gao et al. 2024, App. B.1)",
+    )
+    auxk_coef: float = Field(default=1 / 32, ge=0, description="weight of the AuxK loss (Gao et al. 2024)")
+
+    @model_validator(mode="after")
+    def _check_k(self) -> TopKConfig:
+        if self.k > self.n_latents:
+            raise ValueError(f"k={self.k} must be at most n_latents={self.n_latents}")
+        if self.aux_k is not None and self.aux_k > self.n_latents:
+            raise ValueError(f"aux_k={self.aux_k} must be at most n_latents={self.n_latents}")
+        return self
+
+    @property
+    def aux_k_latents(self) -> int:
+        return self.aux_k if self.aux_k is not None else min(self.n_latents, max(1, self.d_in // 2))
+
+
+def topk_relu(pre_bf: torch.Tensor, k: int) -> torch.Tensor:
+    """ReLU of the k largest entries of each row, zeros elsewhere (Gao et al. 2024, eq. 3)."""
+    values_bk, indices_bk = pre_bf.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre_bf).scatter(-1, indices_bk, values_bk.relu())
+
+
+def normalized_mse(target_bd: torch.Tensor, prediction_bd: torch.Tensor) -> torch.Tensor:
+    """sum ||target - prediction||^2 / sum ||target - mean(target)||^2 over the batch."""
+    variance = (target_bd - target_bd.mean(0)).pow(2).sum()
+    return (target_bd - prediction_bd).pow(2).sum() / variance.clamp_min(1e-12)
+
+
+@register(TopKConfig)
+class TopKSAE(SparseAutoencoder):
+    """z = ReLU(TopK(W_enc (x - b_dec) + b_enc)); loss = MSE + auxk_coef * AuxK."""
+
+    config: TopKConfig
+
+    def select(self, pre_bf: torch.Tensor) -> SparseLatents:
+        values_bk, indices_bk = pre_bf.topk(self.config.k, dim=-1, sorted=False)
+        return SparseLatents.from_topk(values_bk, indices_bk, self.config.n_latents)
+
+    def max_active(self, batch: int) -> int:
+        return batch * self.config.k
+
+    def loss_terms(self, x_bd, x_hat_bd, z, fwd, dead_mask_f):
+        return {"mse": self.mse(x_bd, x_hat_bd), **self.auxk_terms(x_bd, x_hat_bd, fwd, dead_mask_f)}
+
+    def auxk_terms(self, x_bd, x_hat_bd, fwd, dead_mask_f) -> dict[str, torch.Tensor]:
+        """{"auxk": weighted AuxK loss} when latents are dead and the loss is on, else {}."""
+        if dead_mask_f is None or self.config.auxk_coef == 0 or not bool(dead_mask_f.any()):
+            return {}
+        return {"auxk": self.config.auxk_coef * self.auxk_loss(x_bd, x_hat_bd, fwd, dead_mask_f)}
+
+    def auxk_loss(self, x_bd, x_hat_bd, fwd, dead_mask_f) -> torch.Tensor:
+        """Reconstruct the residual x - x_hat with the top aux_k dead latents (Gao et al. 2024, sec. A.2).
+
+        The residual is detached so that only the dead latents learn from this loss; it is the
+        normalised MSE of the residual, as in the paper's released code, so it is scale-free.
+        Only the dead columns of the dense pre-activations are read, so its cost is O(B·dead + B·aux_k·d).
+        """
+        dead_f = dead_mask_f.nonzero().squeeze(-1)
+        aux_k = min(self.config.aux_k_latents, dead_f.numel())
+        values_bk, slots_bk = fwd.pre_bf.detach()[:, dead_f].topk(aux_k, dim=-1, sorted=False)
+        pre = SparseLatents.from_topk(values_bk, dead_f[slots_bk], self.config.n_latents)
+        z_aux = pre.with_values(self.gathered_pre_acts(fwd, pre).relu())
+        residual_bd = (x_bd - x_hat_bd).detach()
+        return normalized_mse(residual_bd, kernels.decode(z_aux, self.W_dec_fd, fwd.sparse))

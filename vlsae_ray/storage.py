@@ -1,0 +1,201 @@
+"""One object-store layer for every stage: local paths, `file://` and `s3://` URIs.
+
+A URI is a plain string. Local paths and `file://` URIs go to the filesystem; `s3://bucket/key`
+goes to S3 or any S3-compatible server (SeaweedFS, MinIO, Ceph, GCS interop). The S3 endpoint
+and credentials come from the standard AWS configuration: `AWS_ENDPOINT_URL_S3` or
+`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, `~/.aws/config`. With a custom
+endpoint we use path-style addressing, which S3-compatible servers need.
+
+Writes are whole-object and atomic: a local write goes to a temporary name in the same folder
+and is renamed over the target; an S3 PUT is atomic by itself. A reader never sees half an
+object, and a failure halfway leaves what was there before.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read or written, with what to do about it."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for any URI kind (no normalisation of the scheme)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        return Path(urlparse(uri).path)
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return Path(uri)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"S3 URI {uri!r} has no bucket: write it as s3://BUCKET/KEY")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment (None: AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.cache
+def _s3_client(endpoint: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
+    )
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
+def s3_client():
+    return _s3_client(s3_endpoint())
+
+
+def _s3_call(uri: str, fn, **kwargs):
+    """Run one S3 call and turn the errors a user can cause into one clear StorageError."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    try:
+        return fn(**kwargs)
+    except EndpointConnectionError as error:
+        raise StorageError(
+            f"cannot reach the S3 endpoint {s3_endpoint() or 'of AWS'} for {uri!r}: start the server "
+            "or set AWS_ENDPOINT_URL to a reachable one"
+        ) from error
+    except NoCredentialsError as error:
+        raise StorageError(
+            f"no S3 credentials for {uri!r}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from error
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            raise StorageError(
+                f"bucket {_split_s3(uri)[0]!r} of {uri!r} does not exist: create it or fix the URI"
+            ) from error
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise FileNotFoundError(uri) from error
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise StorageError(f"access to {uri!r} denied ({code}): check the S3 credentials") from error
+        raise StorageError(f"S3 error {code or error} for {uri!r}") from error
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object at `uri`; FileNotFoundError if there is none."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        response = _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key)
+        return response["Body"].read()
+    return _local_path(uri).read_bytes()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write the whole object at `uri` atomically (readers see the old or the new, never a part)."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+        return
+    path = _local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        try:
+            _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
+    return _local_path(uri).exists()
+
+
+def list_files(prefix: str) -> list[str]:
+    """URIs of every object under the folder `prefix`, sorted."""
+    if is_s3(prefix):
+        bucket, key = _split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        pages = _s3_call(prefix, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
+        return sorted(f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", []))
+    root = _local_path(prefix)
+    if not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+def delete(uri: str) -> None:
+    """Remove one object; no error if it is already gone."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        _s3_call(uri, s3_client().delete_object, Bucket=bucket, Key=key)
+        return
+    _local_path(uri).unlink(missing_ok=True)
+
+
+def check_writable(prefix: str) -> None:
+    """Fail now, with a clear message, if `prefix` cannot be written (missing bucket, no endpoint).
+
+    Jobs call this before any work starts so that a bad output URI costs nothing.
+    """
+    if is_s3(prefix):
+        bucket, _ = _split_s3(prefix)
+        try:
+            _s3_call(prefix, s3_client().head_bucket, Bucket=bucket)
+        except FileNotFoundError as error:  # HEAD has no body, so a missing bucket is a bare 404
+            raise StorageError(
+                f"bucket {bucket!r} of {prefix!r} does not exist: create it or fix the URI"
+            ) from error
+        return
+    path = _local_path(prefix)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(f"cannot create the output folder {prefix!r}: {error.strerror}") from error
+    if not os.access(path, os.W_OK):
+        raise StorageError(f"the output folder {prefix!r} is not writable")
+
+
+def local_path(uri: str) -> str | None:
+    """The filesystem path of a local URI (None for s3://), for libraries that need a real file."""
+    return None if is_s3(uri) else str(_local_path(uri))

@@ -1,0 +1,165 @@
+"""One SAE optimisation step, shared by `fit_local` and the distributed Ray Train loop.
+
+No Ray here: the Ray Train loop wraps the SAE in DistributedDataParallel (`prepare_model`) and
+calls `SAETrainer.step` on each worker's batch. The forward goes through `model(x)` so DDP
+averages gradients; SAE-specific methods go through `model.module`. When torch.distributed is
+initialised, the data-dependent init is broadcast from rank 0 and dead-latent statistics count
+firings on every rank, so all ranks keep identical weights and statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vlsae_ray.sae import SparseAutoencoder, SparseLatents
+
+# Gao et al. 2024 (sec. A.2): a latent is dead once it has not fired for 10M tokens.
+MAX_DEAD_TOKENS = 10_000_000
+
+
+def default_lr(n_latents: int) -> float:
+    """2e-4 / sqrt(F / 2^14): the learning-rate scaling with width of Gao et al. 2024 (sec. 2.3)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class SAETrainer:
+    """Adam, the learning-rate schedule and dead-latent statistics for one SAE.
+
+    Schedule: linear warm-up from lr / warmup_steps to lr over `warmup_steps` (default
+    min(1000, total_steps // 20)), constant, then linear decay to 0 over the final
+    `decay_fraction` of `total_steps` (Anthropic, "Circuits Updates - April 2024").
+    Dead latents: those that have not fired for `dead_tokens_threshold` samples, by default
+    min(10M, a tenth of the run's samples) so short runs also find their dead latents.
+    `sample` ([N, d] raw activations) triggers the data-dependent init (input scale, b_dec);
+    `sample_modality` ([N] bool, True = text) goes with it for a VL-SAE.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        total_steps: int,
+        lr: float | None = None,
+        warmup_steps: int | None = None,
+        decay_fraction: float = 0.2,
+        sample: torch.Tensor | None = None,
+        sample_modality: torch.Tensor | None = None,
+        grad_clip: float | None = 1.0,
+        dead_tokens_threshold: int | None = None,
+    ):
+        if total_steps < 1:
+            raise ValueError(f"total_steps={total_steps} must be at least 1")
+        if not 0 <= decay_fraction <= 1:
+            raise ValueError(f"decay_fraction={decay_fraction} must be between 0 and 1")
+        self.model = model
+        self.sae: SparseAutoencoder = getattr(model, "module", model)
+        if sample is not None:
+            init_args = (sample,) if sample_modality is None else (sample, sample_modality)
+            self.sae.init_from_data(*init_args)
+            if _distributed():
+                for tensor in self.sae.state_dict().values():
+                    dist.broadcast(tensor, src=0)
+        self.total_steps = total_steps
+        self.lr = default_lr(self.sae.config.n_latents) if lr is None else lr
+        self.warmup_steps = min(1000, total_steps // 20) if warmup_steps is None else warmup_steps
+        self.decay_steps = int(decay_fraction * total_steps)
+        self.grad_clip = grad_clip
+        self.dead_tokens_threshold = dead_tokens_threshold
+        device = self.sae.b_dec_d.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 encoder GEMMs on GPU; CPU stays fp32
+        # The fused kernel updates every parameter in one pass (Adam is a large share of a sparse step).
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda")
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.tokens_since_fired_f = torch.zeros(
+            self.sae.config.n_latents, dtype=torch.long, device=self.sae.b_dec_d.device
+        )
+        self.steps = 0
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of `lr` at step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay_steps and step >= self.total_steps - self.decay_steps:
+            return max(0.0, (self.total_steps - step) / self.decay_steps)
+        return 1.0
+
+    def dead_mask(self) -> torch.Tensor:
+        if self.dead_tokens_threshold is None:
+            return torch.zeros_like(self.tokens_since_fired_f, dtype=torch.bool)
+        return self.tokens_since_fired_f >= self.dead_tokens_threshold
+
+    def step(self, x_bd: torch.Tensor, modality_b: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimisation step on a batch of raw activations (`modality_b`: text rows, for a VL-SAE).
+
+        Returns `loss` (the sum of the loss terms), `fvu` (sum ||x - x_hat||^2 / sum ||x - mean x||^2
+        on this batch), `l0` (mean active latents per sample), `dead_fraction` (after this step's
+        firings), `lr` (the rate this step used) and one entry per loss term (`mse`, `auxk`, `l1`).
+        """
+        x_bd = x_bd.to(self.sae.b_dec_d.device, torch.float32)
+        self.model.train()
+        extra = {} if modality_b is None else {"modality_b": modality_b.to(x_bd.device)}
+        x_hat_bd, z, aux = self.model(x_bd, self.dead_mask(), sparse_latents=True, **extra)
+        loss = sum(aux.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.remove_parallel_grads_()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.normalize_decoder_()
+        self.steps += 1
+        with torch.no_grad():
+            self._count_firings(z)
+            fvu = (x_bd - x_hat_bd).pow(2).sum() / (x_bd - x_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
+            metrics = {
+                "loss": float(loss.detach()),
+                "fvu": float(fvu),
+                "l0": z.l0(),
+                "dead_fraction": float(self.dead_mask().float().mean()),
+                "lr": lr,
+            }
+        metrics.update({name: float(term.detach()) for name, term in aux.items()})
+        return metrics
+
+    def _count_firings(self, z: SparseLatents) -> None:
+        fired_f = torch.zeros_like(self.tokens_since_fired_f)
+        fired_f[z.indices_n[z.values_n != 0]] = 1
+        n_samples = torch.tensor(z.batch_size, device=fired_f.device)
+        if _distributed():
+            dist.all_reduce(fired_f, op=dist.ReduceOp.MAX)
+            dist.all_reduce(n_samples)
+        if self.dead_tokens_threshold is None:
+            # A tenth of the run (at this batch size), capped at Gao et al.'s 10M samples.
+            self.dead_tokens_threshold = min(MAX_DEAD_TOKENS, max(1, self.total_steps * int(n_samples) // 10))
+        self.tokens_since_fired_f += n_samples
+        self.tokens_since_fired_f[fired_f.bool()] = 0
+
+    def state_dict(self) -> dict:
+        """Everything besides the SAE weights needed to resume: optimiser, schedule, statistics."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired_f": self.tokens_since_fired_f.clone(),
+            "dead_tokens_threshold": self.dead_tokens_threshold,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tokens_since_fired_f.copy_(state["tokens_since_fired_f"])
+        self.dead_tokens_threshold = state["dead_tokens_threshold"]
+        self.steps = state["steps"]
