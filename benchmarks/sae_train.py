@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import vlsae_ray  # noqa: F401  (before torch-heavy imports)
 import torch
 
+import vlsae_ray  # noqa: F401  (its torchvision guard, before the peers import transformers)
 from vlsae_ray.sae import build_sae
 from vlsae_ray.sae.synthetic import planted_features, recovered_fraction
 from vlsae_ray.train import fit_local
@@ -190,6 +190,15 @@ def evaluate(run, decoder_fd, eval_nd, features_md):
     }
 
 
+def markdown_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['trainer']} | did not run: {r['error']} | | | | | | |"
+    return (
+        f"| {r['trainer']} | {r['samples_per_s']:.0f} | {r['gemm_gflops']:.0f} | {r['ratio_to_bound']:.2f} "
+        f"| {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_fraction']:.3f} | {r['recovered']:.3f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=262_144, help="training rows (one epoch)")
@@ -208,7 +217,12 @@ def main() -> None:
         flops = gemm_flops()
         bound = flops / (2 * D * F)
         start = time.perf_counter()
-        decoder_fd, run = TRAINERS[name](train_nd, args.seed)
+        try:
+            decoder_fd, run = TRAINERS[name](train_nd, args.seed)
+        except Exception as error:  # a peer that cannot run here is reported, not fatal
+            rows.append({"trainer": name, "error": f"{type(error).__name__}: {error}"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         seconds = time.perf_counter() - start
         samples_per_s = (len(train_nd) // BATCH) * BATCH / seconds
         row = {
@@ -226,14 +240,11 @@ def main() -> None:
         f"{N_TRUE} planted features (~{ACTIVE} on per sample, power law), noise FVU 0.08, "
         f"{args.threads} threads, seed {args.seed}",
         "",
-        "| trainer | samples/s | GEMM GFLOP/s | ratio to encoder-GEMM bound | eval FVU | L0 | dead | recovered |",
+        "| trainer | samples/s | GEMM GFLOP/s | ratio to encoder-GEMM bound "
+        "| eval FVU | L0 | dead | recovered |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    table += [
-        f"| {r['trainer']} | {r['samples_per_s']:.0f} | {r['gemm_gflops']:.0f} | {r['ratio_to_bound']:.2f} "
-        f"| {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_fraction']:.3f} | {r['recovered']:.3f} |"
-        for r in rows
-    ]
+    table += [markdown_row(r) for r in rows]
     print("\n".join(table))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sae_train.json").write_text(json.dumps(rows, indent=2))

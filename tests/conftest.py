@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
 import vlsae_ray  # noqa: F401  (torchvision guard, offline switches)
-from vlsae_ray.local_stack import SeaweedFS, connect_ray
+from vlsae_ray.local_stack import SeaweedFS, connect_ray, free_port
 
 TEST_BUCKET = "vlsae-test"
 
@@ -45,11 +47,15 @@ def store_root(request, tmp_path) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """A local Ray on loopback. Started after the S3 server so workers inherit its endpoint."""
+def ray_cluster(s3_server) -> str:
+    """A local Ray on loopback; yields its job API address. Started after the S3 server so workers
+    inherit its endpoint."""
     import ray
 
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    connect_ray(num_cpus=2)
-    yield
+    # the cluster's `python` is the one with this project installed, as on a user's cluster image
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    port = free_port()
+    connect_ray(num_cpus=2, dashboard_port=port)
+    yield f"http://127.0.0.1:{port}"
     ray.shutdown()

@@ -26,20 +26,24 @@ class Strict(BaseModel):
 class SourceConfig(Strict):
     """Where the images and captions come from."""
 
-    kind: Literal["package_photos"] = Field(
-        "package_photos",
-        description="package_photos: real photos shipped inside scikit-image, scikit-learn and "
-        "matplotlib, with seeded random crops and flips",
+    kind: Literal["world", "package_photos"] = Field(
+        "world",
+        description="world: the built-in concept world (images with known shapes, colours, ...); "
+        "package_photos: real photos shipped inside scikit-image, scikit-learn and matplotlib, with "
+        "seeded random crops and flips",
     )
     n_items: int = Field(2048, gt=0, description="how many image-caption items to make")
-    seed: int = Field(0, description="seed of the crops and flips")
+    seed: int = Field(0, description="seed of the items")
+    split: Literal["train", "test"] = Field(
+        "train", description="world only: train, or test (the held-out shape-colour pairs)"
+    )
 
 
 class BackboneConfig(Strict):
     """The vision-language model whose activations we read."""
 
     library: Literal["open_clip"] = "open_clip"
-    model: str = Field(description="open_clip model name, e.g. ViT-B-32 or the built-in vlsae-tiny-clip")
+    model: str = Field(description="open_clip model name, e.g. ViT-B-32 or the built-in world-clip")
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag, or a checkpoint file as a path, file:// or s3:// URI"
     )

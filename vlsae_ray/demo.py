@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import time
 
 import yaml
 
 from vlsae_ray import storage
+from vlsae_ray.backbones import builtin_backbone, hook_dims
 from vlsae_ray.config import (
     BackboneConfig,
     EvaluateConfig,
@@ -24,6 +26,7 @@ from vlsae_ray.config import (
     TrainConfig,
     parse_config,
 )
+from vlsae_ray.interpret.ground_truth import shared_concept
 
 DEMO_BUCKET = "vlsae-demo"
 BLOCK = "visual.transformer.resblocks.2"
@@ -37,6 +40,7 @@ def demo_configs(root: str, backbone: BackboneConfig, n_items: int, port: int) -
         storage.join(root, "activations", EMBEDDING),
     )
     sae = storage.join(root, "sae")
+    d = hook_dims(backbone, [BLOCK])[BLOCK]
     raw = {
         "extract": {
             "source": {"n_items": n_items, "seed": 0},
@@ -47,7 +51,7 @@ def demo_configs(root: str, backbone: BackboneConfig, n_items: int, port: int) -
         },
         "train": {
             "activations": activations,
-            "sae": {"architecture": "topk", "d_in": 128, "n_latents": 1024, "k": 16},
+            "sae": {"architecture": "topk", "d_in": d, "n_latents": 8 * d, "k": 16},
             "training": {"batch_size": 256, "epochs": 8, "num_workers": 2, "cpus_per_worker": 0.5},
             "output": sae,
         },
@@ -106,7 +110,6 @@ def _serve_check(config: ServeConfig) -> dict:
 
 def run_demo(root: str | None = None, use_s3: bool = False, n_items: int = 2048) -> dict:
     from vlsae_ray.activations.extract import run_extract
-    from vlsae_ray.backbones import save_builtin_checkpoint
     from vlsae_ray.eval.evaluate import run_evaluate
     from vlsae_ray.interpret.top_examples import run_label
     from vlsae_ray.local_stack import SeaweedFS, connect_ray, free_port
@@ -116,14 +119,15 @@ def run_demo(root: str | None = None, use_s3: bool = False, n_items: int = 2048)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # keep the demo's output readable
     with contextlib.ExitStack() as stack:
         if use_s3:
-            server = stack.enter_context(SeaweedFS(buckets=(DEMO_BUCKET,)))
-            print(f"SeaweedFS S3 server on {server.endpoint}", flush=True)
+            # the server's data stays on disk: `vlsae local-s3 --dir vlsae-demo/s3` serves it again
+            server = stack.enter_context(SeaweedFS(os.path.abspath("vlsae-demo/s3"), buckets=(DEMO_BUCKET,)))
+            print(f"SeaweedFS S3 server on {server.endpoint}, data in vlsae-demo/s3", flush=True)
             root = root or f"s3://{DEMO_BUCKET}/demo"
         root = root or os.path.abspath("vlsae-demo")
         connect_ray()
         stack.callback(_shutdown_ray)
-        checkpoint = save_builtin_checkpoint(storage.join(root, "backbone", "vlsae-tiny-clip.pt"))
-        backbone = BackboneConfig(model="vlsae-tiny-clip", pretrained=checkpoint)
+        # with --s3 the model is read from the object store too, as on a cluster
+        backbone = builtin_backbone(storage.join(root, "backbone", "world-clip.pt") if use_s3 else None)
         configs = demo_configs(root, backbone, n_items, free_port())
         for name, config in configs.items():
             storage.write_text(
@@ -145,6 +149,9 @@ def run_demo(root: str | None = None, use_s3: bool = False, n_items: int = 2048)
         results["serve"] = _serve_check(configs["serve"])
         timings["serve"] = time.perf_counter() - t0
     _print_summary(root, results, timings, time.perf_counter() - started)
+    concepts = _concept_rows(results["evaluate"], results["label"], configs["label"].top_k)
+    print("\nThe most monosemantic latents, and the ground-truth concept their top images share:")
+    print("\n".join(f"  {row}" for row in concepts))
     return results
 
 
@@ -152,6 +159,22 @@ def _shutdown_ray() -> None:
     import ray
 
     ray.shutdown()
+
+
+def _concept_rows(evaluate, label, top_k: int, n: int = 6) -> list[str]:
+    """The n most monosemantic latents with a full top-image set, and the concept those images share."""
+    scores = json.loads(storage.read_text(evaluate.scores))["latents"]
+    top = json.loads(storage.read_text(label.labels))["latents"]
+    full = [
+        latent for latent, score in enumerate(scores) if score is not None and len(top[str(latent)]) == top_k
+    ]
+    rows = []
+    for latent in sorted(full, key=lambda latent: -scores[latent])[:n]:
+        concept, fraction = shared_concept([example["source_id"] for example in top[str(latent)]])
+        rows.append(
+            f"latent {latent:>4}  MS {scores[latent]:.3f}  its top {top_k} images: {concept} ({fraction:.0%})"
+        )
+    return rows
 
 
 def _print_summary(root: str, results: dict, timings: dict, total: float) -> None:

@@ -34,11 +34,12 @@ _FORWARDED_ENV = (
 )
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
+def connect_ray(num_cpus: int | None = None, dashboard_port: int | None = None) -> None:
     """Join the Ray cluster this process runs in, or start a local one on loopback.
 
     Inside `ray job submit`, or with RAY_ADDRESS set, `ray.init()` joins that cluster. Otherwise
-    we start a private local Ray bound to 127.0.0.1 with usage stats off.
+    we start a private local Ray bound to 127.0.0.1 with usage stats off; with `dashboard_port`
+    it also serves the dashboard and job API there (also on 127.0.0.1).
     """
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
@@ -53,7 +54,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
         return
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=dashboard_port is not None,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env_vars},
         configure_logging=True,

@@ -164,6 +164,15 @@ def list_files(prefix: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
 
+def version(uri: str) -> str:
+    """A string that changes whenever the object changes (S3 ETag; size and mtime on disk)."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        return _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)["ETag"].strip('"')
+    stat = _local_path(uri).stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
 def delete(uri: str) -> None:
     """Remove one object; no error if it is already gone."""
     if is_s3(uri):

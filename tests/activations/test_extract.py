@@ -6,19 +6,19 @@ import torch
 from vlsae_ray import storage
 from vlsae_ray.activations import store
 from vlsae_ray.activations.extract import run_extract
-from vlsae_ray.activations.sources import load_image, package_photo_items
-from vlsae_ray.backbones import Backbone, save_builtin_checkpoint
-from vlsae_ray.config import ExtractConfig
+from vlsae_ray.activations.sources import load_image, source_items
+from vlsae_ray.backbones import Backbone, builtin_backbone
+from vlsae_ray.config import ExtractConfig, SourceConfig
 
 HOOKS = ["visual.transformer.resblocks.1", "visual"]
 
 
 def extract_config(root: str, n_items: int = 48) -> ExtractConfig:
-    checkpoint = save_builtin_checkpoint(storage.join(root, "tiny.pt"), seed=5)
+    backbone = builtin_backbone(storage.join(root, "world-clip.pt"))
     return ExtractConfig.model_validate(
         {
             "source": {"n_items": n_items},
-            "backbone": {"model": "vlsae-tiny-clip", "pretrained": checkpoint},
+            "backbone": backbone.model_dump(),
             "hook_points": HOOKS,
             "output": storage.join(root, "acts"),
             "shard_rows": 16,
@@ -34,7 +34,7 @@ def test_extract_matches_direct_forward_and_resumes(ray_cluster, store_root):
     assert (summary.rows, summary.shards_written, summary.shards_skipped) == (48, 3, 0)
 
     backbone = Backbone(config.backbone)
-    items = package_photo_items(48)
+    items = source_items(config.source)
     expected = backbone.activations(backbone.pixels([load_image(item["id"]) for item in items]), HOOKS)
     for hook in HOOKS:
         x, ids = store.load_activations(summary.datasets[hook])
@@ -58,8 +58,8 @@ def test_extract_matches_direct_forward_and_resumes(ray_cluster, store_root):
 def test_extract_refuses_a_different_dataset_at_the_output(ray_cluster, tmp_path):
     config = extract_config(str(tmp_path), n_items=16)
     run_extract(config)
-    other = config.model_copy(update={"token": "cls", "dtype": "float32"})
-    with pytest.raises(ValueError, match="already holds a different activation dataset"):
+    other = config.model_copy(update={"source": SourceConfig(n_items=20)})
+    with pytest.raises(ValueError, match="already holds a different activation dataset.*'n_items': 16"):
         run_extract(other)
 
 

@@ -5,19 +5,19 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsae_ray.activations.sources import load_image, package_photo_items
-from vlsae_ray.backbones import Backbone, hook_dims, save_builtin_checkpoint
-from vlsae_ray.config import BackboneConfig
+from vlsae_ray import storage
+from vlsae_ray.activations.sources import load_image, package_photo_items, source_items
+from vlsae_ray.backbones import Backbone, builtin_backbone, hook_dims
+from vlsae_ray.config import SourceConfig
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Backbone:
-    checkpoint = save_builtin_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.pt"), seed=3)
-    return Backbone(BackboneConfig(model="vlsae-tiny-clip", pretrained=checkpoint))
+def backbone() -> Backbone:
+    return Backbone(builtin_backbone())
 
 
 def images(n: int) -> list[Image.Image]:
-    return [load_image(item["id"]) for item in package_photo_items(n)]
+    return [load_image(item["id"]) for item in source_items(SourceConfig(n_items=n))]
 
 
 def manual_residual(model, pixels, block: int) -> torch.Tensor:
@@ -31,11 +31,14 @@ def manual_residual(model, pixels, block: int) -> torch.Tensor:
     return x[:, 0]
 
 
-def test_checkpoint_loads_through_open_clip(backbone, tmp_path):
-    torch.manual_seed(3)
-    reference = open_clip.create_model("vlsae-tiny-clip")
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(tensor, backbone.model.state_dict()[name]), name
+def test_checkpoint_from_s3_loads_the_same_weights(backbone, s3_root):
+    uri = storage.join(s3_root, "models", "world-clip.pt")
+    storage.write_bytes(uri, storage.read_bytes(backbone.config.pretrained))
+    from_s3 = Backbone(backbone.config.model_copy(update={"pretrained": uri}))
+    for name, tensor in backbone.model.state_dict().items():
+        assert torch.equal(tensor, from_s3.model.state_dict()[name]), name
+    random_init = open_clip.create_model(backbone.config.model)
+    assert not torch.equal(random_init.visual.conv1.weight, backbone.model.visual.conv1.weight)
 
 
 @torch.no_grad()
@@ -48,7 +51,7 @@ def test_block_activation_equals_manual_forward(backbone):
 
 
 def test_preprocess_matches_open_clip(backbone):
-    _, _, preprocess = open_clip.create_model_and_transforms("vlsae-tiny-clip")
+    _, _, preprocess = open_clip.create_model_and_transforms(backbone.config.model)
     image = images(1)[0]
     assert torch.equal(backbone.pixels([image])[0], preprocess(image))
 
@@ -71,7 +74,14 @@ def test_bad_hook_point_lists_valid_ones(backbone):
         hook_dims(backbone.config, ["visual.blocks.9"])
 
 
-def test_package_photo_items_are_deterministic():
-    first, second = images(3), images(3)
-    assert [im.tobytes() for im in first] == [im.tobytes() for im in second]
-    assert len({item["id"] for item in package_photo_items(500)}) == 500
+@pytest.mark.parametrize("kind", ["world", "package_photos"])
+def test_source_images_are_deterministic(kind):
+    items = source_items(SourceConfig(kind=kind, n_items=300))
+    assert len({item["id"] for item in items}) == 300 and all(item["caption"] for item in items)
+    first = [load_image(item["id"]).tobytes() for item in items[:3]]
+    assert first == [load_image(item["id"]).tobytes() for item in items[:3]]
+    assert (
+        items[:5] == package_photo_items(5)
+        if kind == "package_photos"
+        else items[0]["id"].startswith("world-")
+    )

@@ -28,17 +28,13 @@ pytestmark = pytest.mark.slow
 
 def small_configs(root: str):
     from vlsae_ray.activations.extract import run_extract
-    from vlsae_ray.backbones import save_builtin_checkpoint
-    from vlsae_ray.config import BackboneConfig
+    from vlsae_ray.backbones import builtin_backbone
 
-    checkpoint = save_builtin_checkpoint(storage.join(root, "backbone.pt"), seed=1)
-    configs = demo_configs(
-        root, BackboneConfig(model="vlsae-tiny-clip", pretrained=checkpoint), 256, free_port()
-    )
+    configs = demo_configs(root, builtin_backbone(storage.join(root, "world-clip.pt")), 256, free_port())
     configs["extract"] = configs["extract"].model_copy(update={"shard_rows": 64})
     configs["train"] = configs["train"].model_copy(
         update={
-            "sae": build_sae({"architecture": "topk", "d_in": 128, "n_latents": 256, "k": 8}).config,
+            "sae": configs["train"].sae.model_copy(update={"n_latents": 256, "k": 8}),
             "training": configs["train"].training.model_copy(update={"batch_size": 64, "epochs": 4}),
         }
     )
@@ -88,9 +84,7 @@ def test_train_evaluate_label(pipeline):
 
 
 def test_serve_encode_over_http(pipeline):
-    kind, configs, _ = pipeline
-    if kind != "local":
-        pytest.skip("one Serve start is enough; the SAE is read through storage like any other stage")
+    _, configs, _ = pipeline
     from ray import serve
 
     from serve.app import build_app
@@ -100,7 +94,7 @@ def test_serve_encode_over_http(pipeline):
     try:
         serve.run(build_app(config), name="vlsae-test", route_prefix="/")
         url = f"http://127.0.0.1:{config.port}/encode"
-        image = load_image(package_photo_items(3)[2]["id"])
+        image = load_image(package_photo_items(3)[2]["id"])  # a real photo, not from the dataset
         png = io.BytesIO()
         image.save(png, format="PNG")
 

@@ -9,7 +9,13 @@ D, F, B = 8, 64, 12
 CONFIGS = [
     {"architecture": "topk", "d_in": D, "n_latents": F, "k": 3, "aux_k": 4},
     {"architecture": "batchtopk", "d_in": D, "n_latents": F, "k": 3, "aux_k": 4},
-    {"architecture": "matryoshka_batchtopk", "d_in": D, "n_latents": F, "k": 3, "group_fractions": [0.25, 0.75]},
+    {
+        "architecture": "matryoshka_batchtopk",
+        "d_in": D,
+        "n_latents": F,
+        "k": 3,
+        "group_fractions": [0.25, 0.75],
+    },
     {"architecture": "vl_sae", "d_in": D, "n_latents": F, "k": 3},
 ]
 
@@ -18,9 +24,12 @@ def loss_and_grads(sae, x, dead, **kwargs):
     sae.zero_grad()
     x_hat, z, aux = sae.train()(x, dead, **kwargs)
     sum(aux.values()).backward()
-    return x_hat.detach(), z.detach(), {k: float(v) for k, v in aux.items()}, {
-        name: p.grad.clone() for name, p in sae.named_parameters()
-    }
+    return (
+        x_hat.detach(),
+        z.detach(),
+        {k: float(v) for k, v in aux.items()},
+        {name: p.grad.clone() for name, p in sae.named_parameters()},
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["architecture"])

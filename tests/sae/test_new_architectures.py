@@ -25,7 +25,9 @@ def naive_pre(sae, x):
     """Raw-unit pre-activations, one latent at a time: s (W_enc_j . (x/s - b_dec) + b_enc_j)."""
     s = float(sae.input_scale)
     W, b_enc, b_dec = sae.W_enc_fd.detach(), sae.b_enc_f.detach(), sae.b_dec_d.detach()
-    return torch.tensor([[s * (float(W[j] @ (xi / s - b_dec)) + float(b_enc[j])) for j in range(F)] for xi in x])
+    return torch.tensor(
+        [[s * (float(W[j] @ (xi / s - b_dec)) + float(b_enc[j])) for j in range(F)] for xi in x]
+    )
 
 
 def naive_mse(x, x_hat, s):
@@ -33,7 +35,9 @@ def naive_mse(x, x_hat, s):
 
 
 def test_batchtopk_keeps_the_batch_top_k_times_b_and_infers_with_its_threshold():
-    sae = randomised({"architecture": "batchtopk", "d_in": D, "n_latents": F, "k": 2, "threshold_momentum": 0.5})
+    sae = randomised(
+        {"architecture": "batchtopk", "d_in": D, "n_latents": F, "k": 2, "threshold_momentum": 0.5}
+    )
     x = torch.randn(B, D) * 4
     pre = naive_pre(sae, x)
     flat = sorted(((float(pre[b, j]), b, j) for b in range(B) for j in range(F)), reverse=True)[: 2 * B]
@@ -85,7 +89,15 @@ def test_matryoshka_loss_averages_the_nested_prefix_reconstructions():
 
 def test_matryoshka_groups_must_cover_the_dictionary():
     with pytest.raises(ValueError, match="sum to 1"):
-        build_sae({"architecture": "matryoshka_batchtopk", "d_in": D, "n_latents": F, "k": 2, "group_fractions": [0.5]})
+        build_sae(
+            {
+                "architecture": "matryoshka_batchtopk",
+                "d_in": D,
+                "n_latents": F,
+                "k": 2,
+                "group_fractions": [0.5],
+            }
+        )
 
 
 def test_jumprelu_values_and_straight_through_threshold_gradients():
@@ -135,8 +147,14 @@ def test_vlsae_distance_encoder_and_modality_decoders():
     torch.testing.assert_close(z, z_naive, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat, x_hat_naive, rtol=1e-5, atol=1e-5)
     assert set(aux) == {"mse_vision", "mse_text"}
-    torch.testing.assert_close(aux["mse_text"], naive_mse(x[text], x_hat_naive[text], s), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(aux["mse_vision"], naive_mse(x[~text], x_hat_naive[~text], s), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        aux["mse_text"], naive_mse(x[text], x_hat_naive[text], s), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        aux["mse_vision"], naive_mse(x[~text], x_hat_naive[~text], s), rtol=1e-5, atol=1e-5
+    )
     # The encoder reads directions only: scaling an input leaves its latents alone.
     torch.testing.assert_close(sae.encode(7 * x), sae.encode(x))
-    assert float(z.max()) <= 2 and math.isclose(float(z[z > 0].min()), float(a.gather(1, keep).min()), rel_tol=1e-5)
+    assert float(z.max()) <= 2 and math.isclose(
+        float(z[z > 0].min()), float(a.gather(1, keep).min()), rel_tol=1e-5
+    )

@@ -56,7 +56,9 @@ def test_export_writes_saelens_layout_that_reproduces_our_encodings(tmp_path, co
         z = pre.relu()
     with torch.no_grad():
         torch.testing.assert_close(z, sae.encode(x), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(z @ weights["W_dec"] + weights["b_dec"], sae.decode(sae.encode(x)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            z @ weights["W_dec"] + weights["b_dec"], sae.decode(sae.encode(x)), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("config", CONFIGS[:3], ids=lambda c: c["architecture"])
@@ -73,4 +75,6 @@ def test_saelens_loads_the_export(tmp_path, config):
 
 def test_vlsae_export_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="vl_sae"):
-        export_saelens(build_sae({"architecture": "vl_sae", "d_in": D, "n_latents": F, "k": 2}), str(tmp_path))
+        export_saelens(
+            build_sae({"architecture": "vl_sae", "d_in": D, "n_latents": F, "k": 2}), str(tmp_path)
+        )

@@ -176,3 +176,21 @@ def test_trainer_drives_a_ddp_wrapped_sae_like_the_plain_one(tmp_path, monkeypat
     for name, tensor in plain.state_dict().items():
         torch.testing.assert_close(wrapped.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
     assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("architecture", "epochs"), [("topk", 15), ("batchtopk", 25)])
+def test_power_law_planted_features_are_recovered(one_thread, architecture, epochs):
+    from vlsae_ray.sae.synthetic import planted_features, recovered_fraction
+
+    data = planted_features(8192, 64, 256, active=4, alpha=0.3, noise_fvu=0.02, seed=3)
+    assert data.frequencies_m[0] > 3 * data.frequencies_m[-1]  # a power law, not uniform
+    torch.manual_seed(0)
+    sae = build_sae({"architecture": architecture, "d_in": 64, "n_latents": 512, "k": 4})
+    fit_local(sae, data.x_nd, batch_size=256, epochs=epochs, seed=0, lr=5e-3)
+    assert recovered_fraction(data.features_md, sae.W_dec_fd.detach()) >= 0.9
+    with torch.no_grad():
+        x_hat, z, _ = sae.eval()(data.x_nd)
+    assert fvu(data.x_nd, x_hat) < 0.2
+    # BatchTopK infers with its learned threshold, without the batch: L0 stays close to k.
+    l0 = float((z > 0).sum(-1).float().mean())
+    assert 3.2 <= l0 <= 4.8

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from vlsae_ray import storage
 from vlsae_ray.activations import store
-from vlsae_ray.activations.sources import load_image, package_photo_items
+from vlsae_ray.activations.sources import load_image, source_items
 from vlsae_ray.backbones import Backbone, hook_dims, image_preprocessor
 from vlsae_ray.config import BackboneConfig, ExtractConfig
 from vlsae_ray.local_stack import connect_ray
@@ -84,16 +84,23 @@ def _open_manifests(config: ExtractConfig, dims: dict[str, int]) -> dict[str, st
     for hook, d in dims.items():
         dataset = storage.join(config.output, hook)
         fresh = store.Manifest(
-            d=d, dtype=config.dtype, model=config.backbone.model, hook_point=hook, token=config.token
+            d=d,
+            dtype=config.dtype,
+            model=config.backbone.model,
+            hook_point=hook,
+            token=config.token,
+            source=config.source.model_dump(),
+            shard_rows=config.shard_rows,
         )
         existing = store.read_manifest_or_none(dataset)
         if existing is not None:
             mine = fresh.model_dump(exclude={"shards", "rows", "stats"})
             theirs = existing.model_dump(exclude={"shards", "rows", "stats"})
-            if mine != theirs:
+            differ = {key: (theirs[key], mine[key]) for key in mine if mine[key] != theirs[key]}
+            if differ:
                 raise ValueError(
-                    f"{dataset!r} already holds a different activation dataset ({theirs}); "
-                    "choose another output URI or delete it"
+                    f"{dataset!r} already holds a different activation dataset (existing vs requested: "
+                    f"{differ}); choose another output URI or delete it"
                 )
             fresh = existing
         manifests[hook] = fresh
@@ -108,7 +115,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
     dims = hook_dims(config.backbone, config.hook_points, config.token)  # fails fast on a bad name
     manifests = _open_manifests(config, dims)
     datasets = {hook: storage.join(config.output, hook) for hook in config.hook_points}
-    items = package_photo_items(config.source.n_items, config.source.seed)
+    items = source_items(config.source)
     n_shards = -(-len(items) // config.shard_rows)
     committed_per_hook = {hook: {shard.index for shard in m.shards} for hook, m in manifests.items()}
     committed = set.intersection(*committed_per_hook.values())

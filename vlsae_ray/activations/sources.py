@@ -1,18 +1,25 @@
 """Image-caption sources: each item has a stable id, a caption, and an image made on demand.
 
-`package_photos` uses the real photos that ship inside scikit-image, scikit-learn and matplotlib
-(no download), enlarged to a few thousand items by seeded random crops and flips. An item's
-image is a pure function of its id, so any CPU task can rebuild it and a rerun makes the same
-pixels.
+`world` is the built-in ground-truth concept world (`vlsae_ray.world`): every item also carries
+its concept labels. `package_photos` uses the real photos that ship inside scikit-image,
+scikit-learn and matplotlib (no download), enlarged to a few thousand items by seeded random crops
+and flips. An item's image is a pure function of its id, so any CPU task can rebuild it and a
+rerun makes the same pixels.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import re
 
 import numpy as np
 from PIL import Image
+
+from vlsae_ray.config import SourceConfig
+from vlsae_ray.world import generate_item
+
+_WORLD_ID = re.compile(r"world-(?P<split>\w+)-s(?P<seed>\d+)-(?P<index>\d+)")
 
 # name -> (loader, caption); captions say what a person sees in the photo.
 _PHOTOS = {
@@ -68,8 +75,31 @@ def package_photo_items(n_items: int, seed: int = 0) -> list[dict]:
     ]
 
 
+def source_items(config: SourceConfig) -> list[dict]:
+    """The source's items as {"id", "caption"}, in a fixed order (item i always comes i-th)."""
+    if config.kind == "world":
+        items = (generate_item(i, split=config.split, seed=config.seed) for i in range(config.n_items))
+        return [{"id": item.id, "caption": item.caption} for item in items]
+    return package_photo_items(config.n_items, config.seed)
+
+
+def world_labels(item_id: str) -> dict[str, str] | None:
+    """The ground-truth concept labels of a world item (None for other sources)."""
+    match = _WORLD_ID.fullmatch(item_id)
+    if match is None:
+        return None
+    return _world_item(match).labels
+
+
+def _world_item(match: re.Match):
+    return generate_item(int(match["index"]), split=match["split"], seed=int(match["seed"]))
+
+
 def load_image(item_id: str) -> Image.Image:
-    """The image of an item id from `package_photo_items`: a seeded crop (40-100% side) and flip."""
+    """The image of any source's item id."""
+    if match := _WORLD_ID.fullmatch(item_id):
+        return _world_item(match).image
+    # package photos: a seeded crop (40-100% of the short side) and flip
     name, crop = item_id.split("/")
     if name not in _PHOTOS:
         raise KeyError(f"unknown package photo {name!r} in item id {item_id!r}")

@@ -56,6 +56,9 @@ class Manifest(BaseModel):
     model: str
     hook_point: str
     token: str
+    # what decides which items land in which shard; a resumed job must use the same
+    source: dict = {}
+    shard_rows: int = 0
     shards: list[ShardRecord] = []
 
     @computed_field

@@ -9,7 +9,6 @@ embedding after the projection ([B, embed_dim]).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 
@@ -19,23 +18,21 @@ from PIL import Image
 
 from vlsae_ray import storage
 from vlsae_ray.config import BackboneConfig
+from vlsae_ray.world.clip import CHECKPOINT_PATH, MODEL_NAME, register_world_clip
 
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(_CONFIG_DIR)
+register_world_clip()  # the built-in model is a name open_clip knows, like any other
 
 
-def save_builtin_checkpoint(uri: str, model_name: str = "vlsae-tiny-clip", seed: int = 0) -> str:
-    """Build a model of our built-in configs from `seed` and save its weights as an open_clip checkpoint.
+def builtin_backbone(checkpoint_uri: str | None = None) -> BackboneConfig:
+    """The embedded default: the concept world's tiny CLIP with its committed checkpoint.
 
-    The result loads back through `open_clip.create_model_and_transforms(name, pretrained=PATH)`,
-    exactly as a user's downloaded checkpoint would.
+    With `checkpoint_uri` the checkpoint is first copied there (e.g. an s3:// URI) and loaded from
+    there, the way a cluster reads a model from the object store.
     """
-    torch.manual_seed(seed)
-    model = open_clip.create_model(model_name, pretrained=None)
-    buffer = io.BytesIO()
-    torch.save({"state_dict": model.state_dict()}, buffer)
-    storage.write_bytes(uri, buffer.getvalue())
-    return uri
+    if checkpoint_uri is None:
+        return BackboneConfig(model=MODEL_NAME, pretrained=str(CHECKPOINT_PATH))
+    storage.write_bytes(checkpoint_uri, CHECKPOINT_PATH.read_bytes())
+    return BackboneConfig(model=MODEL_NAME, pretrained=checkpoint_uri)
 
 
 def _local_checkpoint(pretrained: str | None) -> str | None:
@@ -43,7 +40,8 @@ def _local_checkpoint(pretrained: str | None) -> str | None:
     if pretrained is None or not storage.is_s3(pretrained):
         return pretrained and storage.local_path(pretrained)
     cache = Path(os.environ.get("VLSAE_CACHE", Path.home() / ".cache" / "vlsae")) / "checkpoints"
-    target = cache / hashlib.sha256(pretrained.encode()).hexdigest()[:16] / Path(pretrained).name
+    key = hashlib.sha256(f"{pretrained}@{storage.version(pretrained)}".encode()).hexdigest()[:16]
+    target = cache / key / Path(pretrained).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         storage.write_bytes(str(target), storage.read_bytes(pretrained))

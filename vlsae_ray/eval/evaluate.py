@@ -28,6 +28,7 @@ class EvaluateSummary(BaseModel):
     fvu: float
     l0: float
     dead_fraction: float
+    scores: str | None = None  # URI of the per-latent and per-neuron MS (monosemanticity.json)
     ms_latents_median: float | None = None
     ms_neurons_median: float | None = None
 
@@ -97,8 +98,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
         latent_scores, neuron_scores = ms_latents.score(), ms_neurons.score()
         summary.ms_latents_median = _median(latent_scores)
         summary.ms_neurons_median = _median(neuron_scores)
+        summary.scores = storage.join(config.output, "monosemanticity.json")
         storage.write_text(
-            storage.join(config.output, "monosemanticity.json"),
+            summary.scores,
             json.dumps({"latents": _nan_to_none(latent_scores), "neurons": _nan_to_none(neuron_scores)}),
         )
     storage.write_text(summary.report, _markdown(config, summary))

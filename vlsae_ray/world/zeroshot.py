@@ -1,8 +1,9 @@
 """Zero-shot classification of world images by each attribute, with prompt ensembling.
 
 A class's text embedding is the normalised mean of its prompts' embeddings (Radford et al. 2021,
-sec. 3.1.4); the prompts name the class inside every shape and colour context and a few templates,
-so e.g. "large" is compared with "small" across all objects rather than in one phrasing.
+sec. 3.1.4); the prompts name the class with synonyms of the object, in every shape and every
+colour context and a few templates, so e.g. "large" is compared with "small" across all objects
+rather than in one phrasing.
 """
 
 import time
@@ -34,29 +35,35 @@ ADJECTIVE_WORDS = {"size": SIZE_WORDS, "pattern": PATTERN_WORDS}
 TAIL_WORDS = {"position": POSITION_WORDS, "background": BACKGROUND_WORDS}
 
 
-def class_prompts(attribute: str, value: str) -> list[str]:
-    """Prompts for `attribute` = `value`, in canonical words, in every shape and colour context.
+def _contexts(attribute: str, value: str) -> list[tuple[str | None, str | None]]:
+    """(shape, colour) contexts for a class's prompts; None leaves that attribute unnamed.
 
-    The contexts include "no colour" and "no shape" (a generic noun), so that a class is not
-    defined by pairs the model never saw: "circle" is carried by "a circle" as well as by the
-    "a green circle" of a held-out pair.
+    A shape is prompted without any colour and a colour without any shape (generic nouns), and
+    other attributes with one or the other, never both: no prompt names a (shape, colour) pair,
+    so no class is helped or hurt by pairs the model saw or never saw in training.
     """
-    shapes = [value] if attribute == "shape" else [*ATTRIBUTES["shape"], None]
-    colours = [value] if attribute == "colour" else [*ATTRIBUTES["colour"], None]
+    if attribute == "shape":
+        return [(value, None)]
+    if attribute == "colour":
+        return [(None, value)]
+    return [(s, None) for s in ATTRIBUTES["shape"]] + [(None, c) for c in ATTRIBUTES["colour"]]
+
+
+def class_prompts(attribute: str, value: str) -> list[str]:
+    """Prompts for `attribute` = `value` in canonical words, over contexts, nouns and templates."""
     count = value if attribute == "count" else "one"
+    plural = count != "one"
     adjective = ADJECTIVE_WORDS[attribute][value][0] if attribute in ADJECTIVE_WORDS else ""
     tail = TAIL_WORDS[attribute][value][0] if attribute in TAIL_WORDS else ""
-    plural = count != "one"
     prompts = []
-    for shape in shapes:
-        noun = (SHAPE_WORDS[shape][0] if shape else GENERIC_NOUNS[0])[1 if plural else 0]
-        for colour in colours:
+    for shape, colour in _contexts(attribute, value):
+        for noun in SHAPE_WORDS[shape] if shape else GENERIC_NOUNS:
             for template in TEMPLATES:
                 text = template.format(
                     count=COUNT_WORDS[count][0],
                     adjective=adjective,
                     colour=COLOUR_WORDS[colour][0] if colour else "",
-                    shape=noun,
+                    shape=noun[1 if plural else 0],
                     tail=tail,
                     be="are" if plural else "is",
                 )
