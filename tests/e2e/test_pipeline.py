@@ -35,7 +35,7 @@ def small_configs(root: str):
     configs["train"] = configs["train"].model_copy(
         update={
             "sae": configs["train"].sae.model_copy(update={"n_latents": 256, "k": 8}),
-            "training": configs["train"].training.model_copy(update={"batch_size": 64, "epochs": 4}),
+            "training": configs["train"].training.model_copy(update={"batch_size": 64, "epochs": 8}),
         }
     )
     run_extract(configs["extract"])
@@ -59,13 +59,13 @@ def test_train_evaluate_label(pipeline):
     _, configs, train = pipeline
     x, ids = store.load_activations(configs["train"].activations)
     e, embedding_ids = store.load_activations(configs["evaluate"].embeddings)
-    assert ids == embedding_ids and train.steps == 4 * (256 // 2 // 32)
+    assert ids == embedding_ids and train.steps == 8 * (256 // 2 // 32)
     sae = SparseAutoencoder.load(configs["train"].output)
     x_hat, z, _ = sae(x)
     torch.manual_seed(0)
     untrained = build_sae(sae.config)
     untrained.init_from_data(x)
-    assert fvu(x, x_hat) < 0.5 * fvu(x, untrained(x)[0])  # training on Ray Train learned something
+    assert fvu(x, x_hat) < 0.6 * fvu(x, untrained(x)[0])  # training on Ray Train learned something
 
     report = run_evaluate(configs["evaluate"])
     assert report.rows == 256
@@ -115,6 +115,8 @@ def test_serve_encode_over_http(pipeline):
         bad = post(b"%PDF-1.4 definitely not a picture", "doc.pdf")
         assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
         assert post(b"").status_code == 400
+        truncated = post(png.getvalue()[:200])
+        assert truncated.status_code == 400 and "not an image" in truncated.json()["detail"]
         assert requests.post(url, timeout=60).status_code == 422  # no file field at all
         assert post(png.getvalue()).json() == good.json()  # still serving, same answer
     finally:

@@ -73,6 +73,11 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     assert torch.equal(model.visual.conv1.weight, a["visual.conv1.weight"].float())
 
 
+def test_training_on_sibling_groups_runs_and_is_recorded(tmp_path):
+    run = train_world_clip(tmp_path / "s.pt", seed=4, steps=1, batch_size=7, siblings=True, log_every=0)
+    assert torch.load(run.checkpoint, weights_only=True)["world_training"]["siblings"] is True
+
+
 def test_training_pixels_match_the_preprocess_users_get(world_clip):
     _, preprocess, _ = world_clip
     items = generate_items(4, split="test")

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from vlsae_ray.world.concepts import ATTRIBUTES, COLOUR_WORDS, HELDOUT_COMBOS, SHAPE_WORDS, combos
-from vlsae_ray.world.generator import generate_item, generate_items
+from vlsae_ray.world.generator import generate_item, generate_items, generate_siblings
 from vlsae_ray.world.render import PALETTE
 
 
@@ -86,6 +86,22 @@ def test_heldout_split_is_exactly_the_unseen_combinations():
         assert (item.labels["shape"], item.labels["colour"]) in HELDOUT_COMBOS
     for item in generate_items(200, split="train"):
         assert (item.labels["shape"], item.labels["colour"]) not in HELDOUT_COMBOS
+
+
+def test_siblings_share_every_label_but_shape_and_stay_in_their_split():
+    group = generate_siblings(7, seed=3)
+    colour = group[0].labels["colour"]
+    assert [it.labels["shape"] for it in group] == [s for s, c in combos("train") if c == colour]
+    for item in group:
+        assert {**item.labels, "shape": None} == {**group[0].labels, "shape": None}
+    assert len({it.id for it in group}) == len(group)
+    again = generate_siblings(7, seed=3)
+    assert all(
+        np.array_equal(a.pixels, b.pixels) and a.caption == b.caption
+        for a, b in zip(group, again, strict=True)
+    )
+    for item in generate_siblings(7, split="test", seed=3):
+        assert (item.labels["shape"], item.labels["colour"]) in HELDOUT_COMBOS
 
 
 def test_image_size_is_configurable_and_bad_values_are_named():

@@ -22,7 +22,11 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise NotAnImageError(
+            "the upload is not an image in a format this server reads (PNG, JPEG, ...)"
+        ) from None
+    except (OSError, ValueError) as error:  # a known format, but truncated or corrupt
         raise NotAnImageError(f"the upload is not an image this server can read ({error})") from None
     return image.convert("RGB")
 

@@ -14,6 +14,7 @@ from vlsae_ray.world.concepts import ATTRIBUTES, SPLITS, combos
 from vlsae_ray.world.render import render_scene
 
 DEFAULT_IMAGE_SIZE = 64
+SIBLING_STREAM = 1  # keeps sibling groups' random draws apart from single items'
 
 
 @dataclass(frozen=True)
@@ -29,27 +30,56 @@ class WorldItem:
         return Image.fromarray(self.pixels, "RGB")
 
 
-def generate_item(
-    index: int, *, split: str = "train", seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
-) -> WorldItem:
-    """Item `index` of `split` ("train": seen (shape, colour) pairs; "test": held-out pairs)."""
+def _check_size(image_size: int) -> None:
     if image_size < 16:
         raise ValueError(f"image_size={image_size} is too small to draw shapes; use 16 or more")
-    pairs = combos(split)
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    shape, colour = pairs[rng.integers(len(pairs))]
+
+
+def _other_labels(shape: str, colour: str, rng: np.random.Generator) -> dict[str, str]:
     labels = {"shape": shape, "colour": colour}
     for name, values in ATTRIBUTES.items():
         if name not in labels:
             labels[name] = values[rng.integers(len(values))]
+    return labels
+
+
+def _item(item_id: str, labels: dict[str, str], image_size: int, rng: np.random.Generator) -> WorldItem:
     scene = render_scene(labels, image_size, rng)
     return WorldItem(
-        id=f"world-{split}-s{seed}-{index:08d}",
-        pixels=scene.pixels,
-        caption=caption(labels, rng),
-        labels=labels,
-        mask=scene.mask,
+        id=item_id, pixels=scene.pixels, caption=caption(labels, rng), labels=labels, mask=scene.mask
     )
+
+
+def generate_item(
+    index: int, *, split: str = "train", seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
+) -> WorldItem:
+    """Item `index` of `split` ("train": seen (shape, colour) pairs; "test": held-out pairs)."""
+    _check_size(image_size)
+    pairs = combos(split)
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    labels = _other_labels(*pairs[rng.integers(len(pairs))], rng)
+    return _item(f"world-{split}-s{seed}-{index:08d}", labels, image_size, rng)
+
+
+def generate_siblings(
+    index: int, *, split: str = "train", seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
+) -> list[WorldItem]:
+    """Sibling group `index` of `split`: one item per shape the split pairs with one colour, every
+    other label shared, so only the shape tells the items (and their captions) apart.
+
+    Contrastive batches made of such groups cannot be solved by colour, count, position... alone,
+    which is what makes a small CLIP learn shape. A stream apart from `generate_item`'s.
+    """
+    _check_size(image_size)
+    pairs = combos(split)
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, SIBLING_STREAM])
+    _, colour = pairs[rng.integers(len(pairs))]
+    shared = _other_labels("", colour, rng)
+    shapes = [s for s, c in pairs if c == colour]
+    return [
+        _item(f"world-{split}-s{seed}-g{index:08d}-{shape}", {**shared, "shape": shape}, image_size, rng)
+        for shape in shapes
+    ]
 
 
 def generate_items(

@@ -24,13 +24,7 @@ NOISE_RANGE = (0, 110)  # gray noise only, so the background never carries an ob
 COLOUR_JITTER = 12  # per channel, so colour is a region of RGB space rather than one value
 PATTERN_SHADE = 0.6  # the second tone of a pattern is the object colour darkened by this factor
 
-# Fraction of the image side, by count and size: a group is drawn as large as it can be and
-# still fit, because at 8 px patches an outline must span several patches to be told apart.
-RADIUS = {
-    "one": {"small": 0.16, "large": 0.24},
-    "two": {"small": 0.12, "large": 0.17},
-    "three": {"small": 0.1, "large": 0.13},
-}
+RADIUS = {"small": 0.1, "large": 0.125}  # fraction of the image side
 EXTENT = 1.15  # every outline lies within EXTENT * radius of its centre
 GAP = 0.025  # between neighbouring copies, as a fraction of the image side
 GROUP_CENTRE = {
@@ -133,7 +127,7 @@ def render_scene(labels: dict[str, str], side: int, rng: np.random.Generator) ->
 
     base = np.array(PALETTE[labels["colour"]]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
     base = np.clip(base, 0, 255)
-    r = RADIUS[labels["count"]][labels["size"]] * side * rng.uniform(0.95, 1.05)
+    r = RADIUS[labels["size"]] * side * rng.uniform(0.95, 1.05)
     angle = 0.0 if labels["shape"] == "circle" else rng.uniform(-0.25, 0.25)
     centres = _centres(labels["position"], COUNTS[labels["count"]], side, r, rng)
     mask = _shape_mask(labels["shape"], side, centres, r, angle)

@@ -1,11 +1,14 @@
 """Contrastive training of the world CLIP on freshly generated world items (CPU, a few minutes).
 
-Batch `t` is items t*B .. t*B+B-1 of the training split, so a run is a pure function of its
-arguments: same seed, steps and thread count on the same torch build give the same checkpoint
-(another thread count changes the low bits). The committed checkpoint is `train_world_clip()`
-with every default. One thread is the default: on a shared 2-core machine two OpenMP threads
-stall each other whenever one is descheduled (we saw steps several times slower); on an idle
-machine `threads=2` is faster but gives a slightly different checkpoint.
+Batch `t` is items t*B .. t*B+B-1 of the training split; with `siblings=True` it is instead made
+of sibling groups t*B, t*B+1, ... (see `generate_siblings`), which share every label but shape,
+so InfoNCE can pair those captions with their images only by shape. (In 1000-step runs with larger
+shapes, siblings did not yet lift held-out shape accuracy far above chance.) A run is a pure
+function of its arguments: same seed, steps and thread count on the same torch build give the
+same checkpoint (another thread count changes the low bits). The committed checkpoint is
+`train_world_clip()` with every default. One thread is the default: on a shared 2-core machine
+two OpenMP threads stall each other whenever one is descheduled (we saw steps several times
+slower); on an idle machine `threads=2` is faster but gives a slightly different checkpoint.
 """
 
 import math
@@ -18,7 +21,7 @@ import numpy as np
 
 import vlsae_ray  # noqa: F401  (installs the torchvision import guard before open_clip loads)
 from vlsae_ray.world.clip import CHECKPOINT_PATH, register_world_clip
-from vlsae_ray.world.generator import generate_item, generate_items
+from vlsae_ray.world.generator import generate_item, generate_items, generate_siblings
 from vlsae_ray.world.zeroshot import zero_shot_accuracy
 
 DEFAULT_SEED = 0
@@ -51,6 +54,21 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _batch(step: int, batch_size: int, seed: int, image_size: int, siblings: bool) -> list:
+    """The training items of step `step`: plain items, or sibling groups (the last one cut short)."""
+    start = step * batch_size
+    if not siblings:
+        return [
+            generate_item(i, split="train", seed=seed, image_size=image_size)
+            for i in range(start, start + batch_size)
+        ]
+    items = []
+    while len(items) < batch_size:  # fewer than batch_size groups, so steps never share one
+        items += generate_siblings(start, split="train", seed=seed, image_size=image_size)
+        start += 1
+    return items[:batch_size]
+
+
 def train_world_clip(
     out_path: str | Path = CHECKPOINT_PATH,
     *,
@@ -61,6 +79,7 @@ def train_world_clip(
     weight_decay: float = 0.1,
     warmup: int = 50,
     threads: int = 1,
+    siblings: bool = False,
     log_every: int = 50,
     eval_every: int = 0,
     log: Callable[[str], None] = print,
@@ -100,10 +119,7 @@ def train_world_clip(
     start, cpu_start = time.perf_counter(), time.process_time()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        items = [
-            generate_item(i, split="train", seed=seed, image_size=image_size)
-            for i in range(step * batch_size, (step + 1) * batch_size)
-        ]
+        items = _batch(step, batch_size, seed, image_size, siblings)
         images = pixels_to_tensor(np.stack([it.pixels for it in items]), cfg["mean"], cfg["std"])
         texts = tokenizer([it.caption for it in items])
         for group in optimizer.param_groups:
@@ -128,7 +144,14 @@ def train_world_clip(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half() for k, v in model.state_dict().items()}  # fp16 halves the file
-    meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads}
+    meta = {
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "threads": threads,
+        "siblings": siblings,
+    }
     torch.save({"state_dict": state, "world_training": meta}, out_path)
     return TrainResult(
         checkpoint=out_path,
