@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -49,9 +50,9 @@ def batches(x_nd: torch.Tensor, seed: int):
 # -- trainers: each returns (decoder rows [F, d], encode_decode(x) -> (x_hat, z)) -------------------
 
 
-def train_ours(x_nd, seed):
+def train_ours(x_nd, seed, **options):
     torch.manual_seed(seed)
-    sae = build_sae({"architecture": "topk", "d_in": D, "n_latents": F, "k": K})
+    sae = build_sae({"architecture": "topk", "d_in": D, "n_latents": F, "k": K, **options})
     fit_local(sae, x_nd, batch_size=BATCH, epochs=1, seed=seed)
     sae.eval()
 
@@ -60,6 +61,11 @@ def train_ours(x_nd, seed):
         return x_hat, z
 
     return sae.W_dec_fd.detach(), run
+
+
+def train_ours_shortlist(x_nd, seed):
+    """Our TopK with its one non-default option: the bf16 encoder shortlist (exact top-k values)."""
+    return train_ours(x_nd, seed, encoder_shortlist=8)
 
 
 def train_ours_batchtopk(x_nd, seed):
@@ -167,6 +173,7 @@ def train_overcomplete(x_nd, seed):
 
 TRAINERS = {
     "vlsae_ray topk": train_ours,
+    "vlsae_ray topk, bf16 shortlist": train_ours_shortlist,
     "vlsae_ray batchtopk": train_ours_batchtopk,
     "sparsify": train_sparsify,
     "dictionary_learning": train_dictionary_learning,
@@ -214,27 +221,32 @@ def main() -> None:
     train_nd, eval_nd = data.x_nd[: args.samples], data.x_nd[args.samples :]
     rows = []
     for name in args.only or TRAINERS:
-        flops = gemm_flops()
-        bound = flops / (2 * D * F)
-        start = time.perf_counter()
-        try:
-            decoder_fd, run = TRAINERS[name](train_nd, args.seed)
-        except Exception as error:  # a peer that cannot run here is reported, not fatal
+        try:  # a peer that cannot import or run here is reported, not fatal, and the others still run
+            rows.append(run_trainer(name, train_nd, eval_nd, data.features_md, args.seed))
+        except Exception as error:
             rows.append({"trainer": name, "error": f"{type(error).__name__}: {error}"})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        seconds = time.perf_counter() - start
-        samples_per_s = (len(train_nd) // BATCH) * BATCH / seconds
-        row = {
-            "trainer": name,
-            "samples_per_s": samples_per_s,
-            "gemm_gflops": flops / 1e9,
-            "ratio_to_bound": samples_per_s / bound,
-            **evaluate(run, decoder_fd, eval_nd, data.features_md),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(rows[-1]), flush=True)
+        write_results(rows, args)  # after every trainer, so a crash later keeps what was measured
+    print((args.out / "sae_train.md").read_text())
 
+
+def run_trainer(name, train_nd, eval_nd, features_md, seed) -> dict:
+    flops = gemm_flops()
+    start = time.perf_counter()
+    decoder_fd, run = TRAINERS[name](train_nd, seed)
+    seconds = time.perf_counter() - start
+    samples_per_s = (len(train_nd) // BATCH) * BATCH / seconds
+    return {
+        "trainer": name,
+        "samples_per_s": samples_per_s,
+        "gemm_gflops": flops / 1e9,
+        "ratio_to_bound": samples_per_s / (flops / (2 * D * F)),
+        "load_average_1min": os.getloadavg()[0],  # other processes on the same cores
+        **evaluate(run, decoder_fd, eval_nd, features_md),
+    }
+
+
+def write_results(rows: list[dict], args) -> None:
     table = [
         f"workload: d={D}, F={F}, k={K}, batch {BATCH}, {args.samples} samples (1 epoch), "
         f"{N_TRUE} planted features (~{ACTIVE} on per sample, power law), noise FVU 0.08, "
@@ -245,7 +257,6 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     table += [markdown_row(r) for r in rows]
-    print("\n".join(table))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sae_train.json").write_text(json.dumps(rows, indent=2))
     (args.out / "sae_train.md").write_text("\n".join(table) + "\n")

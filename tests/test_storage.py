@@ -5,13 +5,12 @@ import pytest
 from vlsae_ray import storage
 
 
-def test_round_trip_list_and_delete(store_root):
+def test_round_trip_and_delete(store_root):
     a, b = storage.join(store_root, "x", "a.bin"), storage.join(store_root, "x", "sub", "b.bin")
     storage.write_bytes(a, b"alpha")
     storage.write_text(b, "beta")
     assert storage.read_bytes(a) == b"alpha"
     assert storage.read_text(b) == "beta"
-    assert storage.list_files(storage.join(store_root, "x")) == sorted([a, b])
     assert storage.exists(a) and not storage.exists(storage.join(store_root, "nope"))
     storage.delete(a)
     assert not storage.exists(a)
@@ -66,3 +65,12 @@ def test_bad_uris():
         storage.read_bytes("gopher://x/y")
     with pytest.raises(storage.StorageError, match="no bucket"):
         storage.read_bytes("s3:///key")
+
+
+def test_version_changes_with_the_object(store_root):
+    uri = storage.join(store_root, "v.bin")
+    storage.write_bytes(uri, b"one")
+    first = storage.version(uri)
+    assert storage.version(uri) == first
+    storage.write_bytes(uri, b"two!")
+    assert storage.version(uri) != first

@@ -150,20 +150,6 @@ def exists(uri: str) -> bool:
     return _local_path(uri).exists()
 
 
-def list_files(prefix: str) -> list[str]:
-    """URIs of every object under the folder `prefix`, sorted."""
-    if is_s3(prefix):
-        bucket, key = _split_s3(prefix)
-        key = key.rstrip("/") + "/" if key else ""
-        paginator = s3_client().get_paginator("list_objects_v2")
-        pages = _s3_call(prefix, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
-        return sorted(f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", []))
-    root = _local_path(prefix)
-    if not root.is_dir():
-        return []
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
-
-
 def version(uri: str) -> str:
     """A string that changes whenever the object changes (S3 ETag; size and mtime on disk)."""
     if is_s3(uri):

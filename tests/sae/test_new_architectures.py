@@ -50,7 +50,8 @@ def test_batchtopk_keeps_the_batch_top_k_times_b_and_infers_with_its_threshold()
     torch.testing.assert_close(z.detach(), z_naive, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat.detach(), x_hat_naive, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux["mse"].detach(), naive_mse(x, x_hat_naive, 2.5), rtol=1e-5, atol=1e-5)
-    # The first training batch sets θ; a pass without gradients leaves it; a second batch averages.
+    # The first training batch sets θ; a pass without gradients leaves it; a second batch averages
+    # with momentum min(0.5, 1 / 11) (the running average forgets its start).
     assert float(sae.threshold) == pytest.approx(smallest, rel=1e-5)
     with torch.no_grad():
         sae(torch.randn(B, D))
@@ -58,7 +59,10 @@ def test_batchtopk_keeps_the_batch_top_k_times_b_and_infers_with_its_threshold()
     x2 = torch.randn(B, D) * 4
     pre2 = naive_pre(sae, x2).flatten().sort(descending=True).values[: 2 * B]
     sae(x2)
-    assert float(sae.threshold) == pytest.approx(0.5 * smallest + 0.5 * float(pre2[pre2 > 0].min()), rel=1e-5)
+    m = 1 / 11
+    assert float(sae.threshold) == pytest.approx(
+        m * smallest + (1 - m) * float(pre2[pre2 > 0].min()), rel=1e-5
+    )
     with torch.no_grad():
         z_eval = sae.eval().encode(x)
     theta = float(sae.threshold)

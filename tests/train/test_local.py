@@ -194,3 +194,16 @@ def test_power_law_planted_features_are_recovered(one_thread, architecture, epoc
     # BatchTopK infers with its learned threshold, without the batch: L0 stays close to k.
     l0 = float((z > 0).sum(-1).float().mean())
     assert 3.2 <= l0 <= 4.8
+
+
+def test_batchtopk_threshold_gives_an_eval_l0_near_k_after_a_short_run(one_thread):
+    """32 steps: a fixed 0.99 momentum kept θ near the early, large cutoffs (eval L0 0.1 here)."""
+    from vlsae_ray.sae.synthetic import planted_features
+
+    data = planted_features(4096, 64, 256, active=4, alpha=0.3, noise_fvu=0.02, seed=3)
+    torch.manual_seed(0)
+    sae = build_sae({"architecture": "batchtopk", "d_in": 64, "n_latents": 512, "k": 4})
+    fit_local(sae, data.x_nd, batch_size=256, epochs=2, seed=0, lr=5e-3)
+    with torch.no_grad():
+        z = sae.eval().encode(data.x_nd)
+    assert 3.0 <= float((z > 0).sum(-1).float().mean()) <= 5.0

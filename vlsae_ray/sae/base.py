@@ -41,6 +41,7 @@ class Forward(NamedTuple):
     pre_bf: torch.Tensor  # raw units; without gradients when `sparse`
     sparse: bool
     text_b: torch.Tensor | None = None  # VL-SAE: which rows are text
+    exact: bool = True  # False: pre_bf is a bf16 approximation (TopK's `encoder_shortlist`)
 
 
 # architecture name -> (config class, module class); filled by `register`.
@@ -152,27 +153,55 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         """
         self.check_width(x_bd)
         fwd = self.encoder_pass(x_bd)
-        pre = self.select(fwd.pre_bf.detach())
+        pre = self.select_pre(fwd)
         z = pre.with_values(self.activate(pre.with_values(self.gathered_pre_acts(fwd, pre))))
         x_hat_bd = kernels.decode(z, self.W_dec_fd, fwd.sparse) + self.input_scale * self.b_dec_d
         aux = self.loss_terms(x_bd, x_hat_bd, z, fwd, dead_mask_f)
         return x_hat_bd, (z if sparse_latents else z.to_dense()), aux
 
     def encoder_pass(self, x_bd: torch.Tensor) -> Forward:
-        """The dense encoder GEMM, with gradients only on the dense reference path."""
+        """The dense encoder GEMM, with gradients only on the dense reference path.
+
+        The one place that picks the encoder's precision: fp32 (exact), or, with a TopK SAE's
+        `encoder_shortlist` on the sparse kernels, a bf16 GEMM whose values only shortlist
+        candidates (`select_pre` recomputes those exactly).
+        """
         sparse = kernels.use_sparse(self.max_active(x_bd.shape[0]), x_bd.shape[0], self.config.n_latents)
         centred_bd = x_bd - self.input_scale * self.b_dec_d
+        if sparse and getattr(self.config, "encoder_shortlist", 0):
+            with torch.no_grad():
+                s_b_enc_f = (self.input_scale * self.b_enc_f).bfloat16()
+                pre_bf = torch.addmm(s_b_enc_f, centred_bd.bfloat16(), self.W_enc_fd.bfloat16().T)
+            return Forward(centred_bd, pre_bf, sparse, exact=False)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
             pre_bf = torch.addmm(self.input_scale * self.b_enc_f, centred_bd, self.W_enc_fd.T)
         return Forward(centred_bd, pre_bf, sparse)
+
+    def select_pre(self, fwd: Forward) -> SparseLatents:
+        """`select` on the encoder pass; architectures that accept an approximate pass override it."""
+        if not fwd.exact:
+            raise NotImplementedError(f"{type(self).__name__} needs the exact fp32 encoder pass")
+        return self.select(fwd.pre_bf.detach())
+
+    @torch.no_grad()
+    def exact_pre_acts(self, fwd: Forward, latents: SparseLatents) -> torch.Tensor:
+        """fp32 pre-activations at `latents`' entries, O(n·d), no gradients."""
+        dots_n = kernels.entry_dots(latents, fwd.centred_bd, self.W_enc_fd)
+        return dots_n + self.input_scale * self.b_enc_f[latents.indices_n]
 
     def gathered_pre_acts(self, fwd: Forward, pre: SparseLatents) -> torch.Tensor:
         """Pre-activations at `pre`'s entries with gradients to W_enc, b_enc and b_dec."""
         if not fwd.sparse:
             return fwd.pre_bf[pre.rows_n, pre.indices_n]
+        s_b_enc_n = self.input_scale * self.b_enc_f[pre.indices_n]
+        if not fwd.exact:  # select_pre left the exact pre-activations (with s * b_enc) in pre.values_n
+            dots_n = pre.values_n.detach() - s_b_enc_n.detach()
+            return (
+                kernels.gathered_dot(pre, fwd.centred_bd, self.W_enc_fd, None, True, dots_n=dots_n)
+                + s_b_enc_n
+            )
         dots_n = kernels.gathered_dot(pre, fwd.centred_bd, self.W_enc_fd, fwd.pre_bf, sparse=True)
         # pre_bf includes s * b_enc; take it out of the reused values and add it back differentiably.
-        s_b_enc_n = self.input_scale * self.b_enc_f[pre.indices_n]
         return dots_n - s_b_enc_n.detach() + s_b_enc_n
 
     def mse(self, x_bd: torch.Tensor, x_hat_bd: torch.Tensor) -> torch.Tensor:

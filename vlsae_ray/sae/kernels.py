@@ -17,8 +17,7 @@ per-sample sums are bags over samples, and the transposed sums are bags over lat
 from __future__ import annotations
 
 import contextlib
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +51,16 @@ def use_sparse(max_active: int | None, batch: int, n_latents: int) -> bool:
 class SparseLatents:
     """The active latents of a batch in CSR form, sample b owning entries offsets_b1[b]:offsets_b1[b+1].
 
-    `values_n` may carry gradients; the index tensors never do.
+    `values_n` may carry gradients; the index tensors never do. Views of the same pattern made by
+    `with_values` share one cache of the derived index tensors (`rows_n`, `by_latent`), so the
+    forward and every backward kernel compute them once per batch.
     """
 
     indices_n: torch.Tensor  # latent index of each entry (long)
     values_n: torch.Tensor  # its value
     offsets_b1: torch.Tensor  # [B + 1], long
     n_latents: int
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_topk(cls, values_bk: torch.Tensor, indices_bk: torch.Tensor, n_latents: int) -> SparseLatents:
@@ -78,26 +80,28 @@ class SparseLatents:
     def batch_size(self) -> int:
         return self.offsets_b1.shape[0] - 1
 
-    @functools.cached_property
+    @property
     def rows_n(self) -> torch.Tensor:
         """The sample of each entry."""
-        counts_b = self.offsets_b1.diff()
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=counts_b.device), counts_b)
+        if "rows_n" not in self._cache:
+            counts_b = self.offsets_b1.diff()
+            rows_n = torch.repeat_interleave(torch.arange(self.batch_size, device=counts_b.device), counts_b)
+            self._cache["rows_n"] = rows_n
+        return self._cache["rows_n"]
 
-    @functools.cached_property
+    @property
     def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order_n, offsets_f1): entries sorted by latent and the CSR offsets of S^T."""
-        order_n = self.indices_n.argsort()
-        counts_f = torch.bincount(self.indices_n, minlength=self.n_latents)
-        return order_n, torch.cat([counts_f.new_zeros(1), counts_f.cumsum(0)])
+        if "by_latent" not in self._cache:
+            # A stable sort of integer keys is a radix sort on CPU: ~10x faster than the default argsort.
+            order_n = self.indices_n.sort(stable=True).indices
+            counts_f = torch.bincount(self.indices_n, minlength=self.n_latents)
+            self._cache["by_latent"] = (order_n, torch.cat([counts_f.new_zeros(1), counts_f.cumsum(0)]))
+        return self._cache["by_latent"]
 
     def with_values(self, values_n: torch.Tensor) -> SparseLatents:
-        """The same pattern with other values; the cached orderings are shared."""
-        other = SparseLatents(self.indices_n, values_n, self.offsets_b1, self.n_latents)
-        for name in ("rows_n", "by_latent"):
-            if name in self.__dict__:
-                other.__dict__[name] = self.__dict__[name]
-        return other
+        """The same pattern with other values; the cached orderings are shared (and filled once)."""
+        return SparseLatents(self.indices_n, values_n, self.offsets_b1, self.n_latents, self._cache)
 
     def select(self, keep_n: torch.Tensor) -> SparseLatents:
         """The entries where `keep_n` holds (same batch)."""
@@ -143,7 +147,7 @@ def _transposed_times(
     )
 
 
-def _entry_dots(latents: SparseLatents, a_bd: torch.Tensor, W_fd: torch.Tensor) -> torch.Tensor:
+def entry_dots(latents: SparseLatents, a_bd: torch.Tensor, W_fd: torch.Tensor) -> torch.Tensor:
     """a[sample] . W[latent] for every entry, without materialising the [n, d] gathers."""
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         a_bd, W_fd, latents.indices_n, latents.offsets_b1[:-1], latents.rows_n, 0
@@ -161,7 +165,7 @@ class _Decode(torch.autograd.Function):
     def backward(ctx, grad_bd):
         values_n, W_fd = ctx.saved_tensors
         grad_bd = grad_bd.contiguous()
-        grad_values_n = _entry_dots(ctx.latents, grad_bd, W_fd) if ctx.needs_input_grad[0] else None
+        grad_values_n = entry_dots(ctx.latents, grad_bd, W_fd) if ctx.needs_input_grad[0] else None
         grad_W_fd = _transposed_times(ctx.latents, values_n, grad_bd) if ctx.needs_input_grad[1] else None
         return grad_values_n, grad_W_fd, None
 
@@ -190,13 +194,22 @@ def decode(latents: SparseLatents, W_fd: torch.Tensor, sparse: bool) -> torch.Te
 
 
 def gathered_dot(
-    latents: SparseLatents, a_bd: torch.Tensor, W_fd: torch.Tensor, dots_bf: torch.Tensor, sparse: bool
+    latents: SparseLatents,
+    a_bd: torch.Tensor,
+    W_fd: torch.Tensor,
+    dots_bf: torch.Tensor | None,
+    sparse: bool,
+    *,
+    dots_n: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a_b . W_j at the latents' entries [n], differentiable in a and W.
 
     `dots_bf` is a @ W^T already computed: without gradients on the sparse path (its values are
-    reused), with them on the dense path (gradients flow through the dense product).
+    reused), with them on the dense path (gradients flow through the dense product). On the sparse
+    path `dots_n`, the values at the entries when the caller has them, replaces `dots_bf`.
     """
     if sparse:
-        return _GatheredDot.apply(a_bd, W_fd, latents, dots_bf[latents.rows_n, latents.indices_n])
+        if dots_n is None:
+            dots_n = dots_bf[latents.rows_n, latents.indices_n]
+        return _GatheredDot.apply(a_bd, W_fd, latents, dots_n)
     return dots_bf[latents.rows_n, latents.indices_n]

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field, model_validator
 
 from vlsae_ray.sae import kernels
-from vlsae_ray.sae.base import SparseAutoencoder, register
+from vlsae_ray.sae.base import Forward, SparseAutoencoder, register
 from vlsae_ray.sae.config import BaseSAEConfig
 from vlsae_ray.sae.kernels import SparseLatents
 
@@ -22,6 +22,14 @@ class TopKConfig(BaseSAEConfig):
         description="dead latents used by the AuxK loss; default d_in // 2 (Gao et al. 2024, App. B.1)",
     )
     auxk_coef: float = Field(default=1 / 32, ge=0, description="weight of the AuxK loss (Gao et al. 2024)")
+    encoder_shortlist: int = Field(
+        default=0,
+        ge=0,
+        description="0: the exact fp32 encoder GEMM (the reference). n > 0, on the sparse kernels: a bf16"
+        " GEMM shortlists each sample's top k + n pre-activations, which are recomputed exactly in fp32"
+        " before the exact top-k among them; faster where bf16 GEMMs are, and the same latents unless a"
+        " true top-k entry falls outside the shortlist (see `TopKSAE.select_pre`)",
+    )
 
     @model_validator(mode="after")
     def _check_k(self) -> TopKConfig:
@@ -61,6 +69,24 @@ class TopKSAE(SparseAutoencoder):
     def max_active(self, batch: int) -> int:
         return batch * self.config.k
 
+    def select_pre(self, fwd: Forward) -> SparseLatents:
+        """Per-sample top k; from a bf16 shortlist of k + `encoder_shortlist` candidates if `fwd` is one.
+
+        The shortlist's pre-activations are recomputed exactly (O(B·(k+n)·d)), so the values are
+        always exact fp32 and the selection is the exact top-k whenever the bf16 ranking keeps every
+        true top-k entry among its top k + n (bf16's relative error is 2^-8, the candidates' margin
+        absorbs it; measured in benchmarks/README.md).
+        """
+        if fwd.exact:
+            return super().select_pre(fwd)
+        batch, n_latents = fwd.pre_bf.shape
+        n_candidates = min(n_latents, self.config.k + self.config.encoder_shortlist)
+        candidates_bc = fwd.pre_bf.topk(n_candidates, dim=-1, sorted=False).indices
+        candidates = SparseLatents.from_topk(candidates_bc.float(), candidates_bc, n_latents)
+        exact_bc = self.exact_pre_acts(fwd, candidates).view(batch, n_candidates)
+        values_bk, slots_bk = exact_bc.topk(self.config.k, dim=-1, sorted=False)
+        return SparseLatents.from_topk(values_bk, candidates_bc.gather(1, slots_bk), n_latents)
+
     def loss_terms(self, x_bd, x_hat_bd, z, fwd, dead_mask_f):
         return {"mse": self.mse(x_bd, x_hat_bd), **self.auxk_terms(x_bd, x_hat_bd, fwd, dead_mask_f)}
 
@@ -81,6 +107,8 @@ class TopKSAE(SparseAutoencoder):
         aux_k = min(self.config.aux_k_latents, dead_f.numel())
         values_bk, slots_bk = fwd.pre_bf.detach()[:, dead_f].topk(aux_k, dim=-1, sorted=False)
         pre = SparseLatents.from_topk(values_bk, dead_f[slots_bk], self.config.n_latents)
+        if not fwd.exact:  # the bf16 values chose the dead latents; their values are recomputed exactly
+            pre = pre.with_values(self.exact_pre_acts(fwd, pre))
         z_aux = pre.with_values(self.gathered_pre_acts(fwd, pre).relu())
         residual_bd = (x_bd - x_hat_bd).detach()
         return normalized_mse(residual_bd, kernels.decode(z_aux, self.W_dec_fd, fwd.sparse))
