@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlsae_ray.sae import build_sae, kernels
+from vlsae_ray.sae import kernels
 
 D, F, B = 8, 64, 12
 CONFIGS = [
@@ -20,26 +20,9 @@ CONFIGS = [
 ]
 
 
-def loss_and_grads(sae, x, dead, **kwargs):
-    sae.zero_grad()
-    x_hat, z, aux = sae.train()(x, dead, **kwargs)
-    sum(aux.values()).backward()
-    return (
-        x_hat.detach(),
-        z.detach(),
-        {k: float(v) for k, v in aux.items()},
-        {name: p.grad.clone() for name, p in sae.named_parameters()},
-    )
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["architecture"])
-def test_sparse_path_equals_dense_path_in_values_and_gradients(config):
-    torch.manual_seed(0)
-    sae = build_sae(config)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        sae.input_scale.fill_(3.0)
+def test_sparse_path_equals_dense_path_in_values_and_gradients(config, perturbed_sae, loss_and_grads):
+    sae = perturbed_sae(config)
     x = 4 * torch.randn(B, D)
     dead = torch.zeros(F, dtype=torch.bool)
     dead[::3] = True

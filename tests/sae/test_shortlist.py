@@ -9,27 +9,9 @@ from vlsae_ray.sae import build_sae, kernels
 D, F, B, K = 16, 256, 64, 4
 
 
-def randomised(config):
-    torch.manual_seed(0)
-    sae = build_sae(config)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        sae.input_scale.fill_(3.0)
-    return sae
-
-
-def step_outputs(sae, x, dead):
-    sae.zero_grad()
-    x_hat, z, aux = sae.train()(x, dead)
-    sum(aux.values()).backward()
-    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
-    return x_hat.detach(), z.detach(), {k: float(v.detach()) for k, v in aux.items()}, grads
-
-
-def test_a_shortlist_of_every_latent_gives_the_exact_values_and_gradients():
-    exact = randomised({"architecture": "topk", "d_in": D, "n_latents": F, "k": K, "aux_k": 1})
-    shortlisted = randomised(
+def test_a_shortlist_of_every_latent_gives_the_exact_values_and_gradients(perturbed_sae, loss_and_grads):
+    exact = perturbed_sae({"architecture": "topk", "d_in": D, "n_latents": F, "k": K, "aux_k": 1})
+    shortlisted = perturbed_sae(
         {"architecture": "topk", "d_in": D, "n_latents": F, "k": K, "aux_k": 1, "encoder_shortlist": F}
     )
     x = 4 * torch.randn(B, D)
@@ -37,7 +19,7 @@ def test_a_shortlist_of_every_latent_gives_the_exact_values_and_gradients():
     dead[::64] = True  # four dead latents and aux_k=1: bf16 only has to rank well-separated values
     assert kernels.use_sparse(exact.max_active(B), B, F)
     assert not shortlisted.encoder_pass(x).exact and exact.encoder_pass(x).exact
-    reference, fast = step_outputs(exact, x, dead), step_outputs(shortlisted, x, dead)
+    reference, fast = loss_and_grads(exact, x, dead), loss_and_grads(shortlisted, x, dead)
     torch.testing.assert_close(fast[0], reference[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[1], reference[1], rtol=1e-5, atol=1e-5)
     assert "auxk" in fast[2] and fast[2] == pytest.approx(reference[2], rel=1e-5)
@@ -45,10 +27,10 @@ def test_a_shortlist_of_every_latent_gives_the_exact_values_and_gradients():
         torch.testing.assert_close(fast[3][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_short_shortlist_selects_the_exact_top_k_with_exact_values():
+def test_a_short_shortlist_selects_the_exact_top_k_with_exact_values(perturbed_sae):
     config = {"architecture": "topk", "d_in": 64, "n_latents": 2048, "k": 16}
-    exact = randomised(config)
-    shortlisted = randomised({**config, "encoder_shortlist": 8})
+    exact = perturbed_sae(config)
+    shortlisted = perturbed_sae({**config, "encoder_shortlist": 8})
     x = 4 * torch.randn(512, 64)
     with torch.no_grad():
         z_exact = exact.train()(x)[1]
