@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlsae_ray import storage
 from vlsae_ray.sae import SAEConfig
@@ -42,12 +42,40 @@ class SourceConfig(Strict):
 class BackboneConfig(Strict):
     """The vision-language model whose activations we read."""
 
-    library: Literal["open_clip"] = "open_clip"
-    model: str = Field(description="open_clip model name, e.g. ViT-B-32 or the built-in world-clip")
+    library: Literal["open_clip", "transformers", "llava"] = Field(
+        "open_clip",
+        description="open_clip: an open_clip model; transformers: a transformers CLIPModel; "
+        "llava: a transformers LlavaForConditionalGeneration",
+    )
+    model: str = Field(
+        description="open_clip: model name (e.g. ViT-B-32 or the built-in world-clip); transformers and "
+        "llava: a local folder or URI holding the model's save_pretrained files"
+    )
     pretrained: str | None = Field(
-        None, description="open_clip pretrained tag, or a checkpoint file as a path, file:// or s3:// URI"
+        None,
+        description="open_clip only: pretrained tag, or a checkpoint file as a path, file:// or s3:// URI",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
+
+
+class TokenConfig(Strict):
+    """Which rows a sequence output (a [tokens, d] block output) contributes per item."""
+
+    mode: Literal["cls", "random", "mean", "all"] = Field(
+        "cls",
+        description="cls: the class token (the EOT token for text); random: `k` tokens drawn per item, "
+        "seeded by `seed` and the item id; mean: the mean over tokens; all: every token",
+    )
+    k: int = Field(1, gt=0, description="random mode: tokens drawn per item")
+    seed: int = Field(0, description="random mode: seed of the draw")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: object) -> object:
+        return {"mode": value} if isinstance(value, str) else value
+
+    def __str__(self) -> str:
+        return f"random:{self.k}:{self.seed}" if self.mode == "random" else self.mode
 
 
 class ExtractConfig(Strict):
@@ -58,7 +86,7 @@ class ExtractConfig(Strict):
         description="module names in the model, e.g. visual.transformer.resblocks.3 (that block's output "
         "residual stream) or visual (the image embedding); one activation dataset each",
     )
-    token: Literal["cls"] = Field("cls", description="which token of a sequence output to keep")
+    token: TokenConfig = Field(TokenConfig(), description="which tokens of a sequence output become rows")
     output: str = Field(description="URI under which each hook point's dataset is written")
     shard_rows: int = Field(1024, gt=0, description="rows per shard")
     batch_size: int = Field(64, gt=0, description="images per model forward")
@@ -108,7 +136,7 @@ class ServeConfig(Strict):
     sae: str = Field(description="URI of a saved SAE")
     backbone: BackboneConfig
     hook_point: str
-    token: Literal["cls"] = "cls"
+    token: TokenConfig = TokenConfig()
     top_k: int = Field(10, gt=0, description="latents returned per image")
     host: str = Field(
         "127.0.0.1", description="address the HTTP proxy binds; 0.0.0.0 only behind a trusted network"

@@ -50,7 +50,7 @@ class _Extractor:
     def __init__(self, config: ExtractConfig):
         self.backbone = Backbone(config.backbone)
         self.hook_points = config.hook_points
-        self.token = config.token
+        self.token = config.token.mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.backbone.activations(
@@ -88,7 +88,7 @@ def _open_manifests(config: ExtractConfig, dims: dict[str, int]) -> dict[str, st
             dtype=config.dtype,
             model=config.backbone.model,
             hook_point=hook,
-            token=config.token,
+            token=str(config.token),
             source=config.source.model_dump(),
             shard_rows=config.shard_rows,
         )
@@ -112,7 +112,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
     import ray
 
     storage.check_writable(config.output)
-    dims = hook_dims(config.backbone, config.hook_points, config.token)  # fails fast on a bad name
+    dims = hook_dims(config.backbone, config.hook_points, config.token.mode)  # fails fast on a bad name
     manifests = _open_manifests(config, dims)
     datasets = {hook: storage.join(config.output, hook) for hook in config.hook_points}
     items = source_items(config.source)

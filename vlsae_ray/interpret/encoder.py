@@ -38,7 +38,7 @@ class ImageEncoder:
         self.config = config
         self.backbone = Backbone(config.backbone)
         self.sae = SparseAutoencoder.load(config.sae, device=self.backbone.device).eval()
-        d = hook_dims(config.backbone, [config.hook_point], config.token)[config.hook_point]
+        d = hook_dims(config.backbone, [config.hook_point], config.token.mode)[config.hook_point]
         if d != self.sae.config.d_in:
             raise ValueError(
                 f"hook point {config.hook_point!r} gives d={d} but the SAE at {config.sae!r} takes "
@@ -49,7 +49,7 @@ class ImageEncoder:
     def top_latents(self, images: list[Image.Image], k: int) -> list[list[tuple[int, float]]]:
         """For each image, its k largest active latents as (latent, activation), largest first."""
         pixels = self.backbone.pixels(images)
-        x_bd = self.backbone.activations(pixels, [self.config.hook_point], self.config.token)[
+        x_bd = self.backbone.activations(pixels, [self.config.hook_point], self.config.token.mode)[
             self.config.hook_point
         ]
         z_bf = self.sae.encode(x_bd.to(self.backbone.device)).cpu()
