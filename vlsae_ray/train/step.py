@@ -1,10 +1,12 @@
 """One SAE optimisation step, shared by `fit_local` and the distributed Ray Train loop.
 
-No Ray here: the Ray Train loop wraps the SAE in DistributedDataParallel (`prepare_model`) and
-calls `SAETrainer.step` on each worker's batch. The forward goes through `model(x)` so DDP
-averages gradients; SAE-specific methods go through `model.module`. When torch.distributed is
-initialised, the data-dependent init is broadcast from rank 0 and dead-latent statistics count
-firings on every rank, so all ranks keep identical weights and statistics.
+No Ray here: the Ray Train loop wraps the SAE (or its latent shard, `parallel.LatentShardedSAE`)
+in DistributedDataParallel over the data-parallel group and calls `SAETrainer.step` on each
+worker's batch. The forward goes through `model(x)` so DDP averages gradients; SAE-specific
+methods go through `model.module`. With a `ParallelLayout`, the data-dependent init is broadcast
+within each data group, dead-latent statistics count firings over the data group, and the
+gradient norm (for clipping), L0 and the dead fraction add up the shards, so every rank keeps the
+weights and statistics a single process would.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vlsae_ray.sae import SparseAutoencoder, SparseLatents
+from vlsae_ray.train.parallel import ParallelLayout
 
 # Gao et al. 2024 (sec. A.2): a latent is dead once it has not fired for 10M tokens.
 MAX_DEAD_TOKENS = 10_000_000
@@ -24,10 +27,6 @@ MAX_DEAD_TOKENS = 10_000_000
 def default_lr(n_latents: int) -> float:
     """2e-4 / sqrt(F / 2^14): the learning-rate scaling with width of Gao et al. 2024 (sec. 2.3)."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class SAETrainer:
@@ -54,6 +53,7 @@ class SAETrainer:
         sample_modality: torch.Tensor | None = None,
         grad_clip: float | None = 1.0,
         dead_tokens_threshold: int | None = None,
+        layout: ParallelLayout | None = None,
     ):
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps} must be at least 1")
@@ -61,12 +61,14 @@ class SAETrainer:
             raise ValueError(f"decay_fraction={decay_fraction} must be between 0 and 1")
         self.model = model
         self.sae: SparseAutoencoder = getattr(model, "module", model)
+        # Without a layout: plain data parallelism over the world when torch.distributed is up.
+        self.layout = layout or ParallelLayout.create(latent_shards=1)
         if sample is not None:
             init_args = (sample,) if sample_modality is None else (sample, sample_modality)
             self.sae.init_from_data(*init_args)
-            if _distributed():
-                for tensor in self.sae.state_dict().values():
-                    dist.broadcast(tensor, src=0)
+        if self.layout.data_parallel > 1:  # one initial state per data group, whatever each rank drew
+            for tensor in self.sae.state_dict().values():
+                dist.broadcast(tensor, src=self.layout.data_source, group=self.layout.data_group)
         self.total_steps = total_steps
         self.lr = default_lr(self.sae.config.n_latents) if lr is None else lr
         self.warmup_steps = min(1000, total_steps // 20) if warmup_steps is None else warmup_steps
@@ -81,9 +83,9 @@ class SAETrainer:
             self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda")
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.tokens_since_fired_f = torch.zeros(
-            self.sae.config.n_latents, dtype=torch.long, device=self.sae.b_dec_d.device
-        )
+        # per latent of this rank: all of them, or its shard's
+        n_latents = getattr(self.sae, "n_local", self.sae.config.n_latents)
+        self.tokens_since_fired_f = torch.zeros(n_latents, dtype=torch.long, device=self.sae.b_dec_d.device)
         self.steps = 0
 
     def lr_factor(self, step: int) -> float:
@@ -115,7 +117,7 @@ class SAETrainer:
         loss.backward()
         self.sae.remove_parallel_grads_()
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
+            self._clip_grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -124,23 +126,45 @@ class SAETrainer:
         with torch.no_grad():
             self._count_firings(z)
             fvu = (x_bd - x_hat_bd).pow(2).sum() / (x_bd - x_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
+            # [active entries, dead latents] of this shard, summed over the latent group
+            counts = self.layout.sum_over_shards_(
+                torch.stack([(z.values_n != 0).sum(), self.dead_mask().sum()]).double()
+            )
             metrics = {
                 "loss": float(loss.detach()),
                 "fvu": float(fvu),
-                "l0": z.l0(),
-                "dead_fraction": float(self.dead_mask().float().mean()),
+                "l0": float(counts[0]) / z.batch_size,
+                "dead_fraction": float(counts[1]) / self.sae.config.n_latents,
                 "lr": lr,
             }
         metrics.update({name: float(term.detach()) for name, term in aux.items()})
         return metrics
 
+    @torch.no_grad()
+    def _clip_grad_norm(self) -> None:
+        """Scale gradients to a global norm of at most `grad_clip`, as `clip_grad_norm_` on the full SAE.
+
+        Sharded parameters' squared norms add up over the latent group; replicated ones count once.
+        """
+        sharded = {id(p) for p in getattr(self.sae, "sharded_parameters", list)()}
+        params = [p for p in self.sae.parameters() if p.grad is not None]
+        sharded_sq = replicated_sq = torch.zeros((), dtype=torch.float64, device=self.sae.b_dec_d.device)
+        for p in params:
+            if id(p) in sharded:
+                sharded_sq = sharded_sq + p.grad.double().pow(2).sum()
+            else:
+                replicated_sq = replicated_sq + p.grad.double().pow(2).sum()
+        total = float((self.layout.sum_over_shards_(sharded_sq) + replicated_sq).sqrt())
+        coef = self.grad_clip / (total + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_([p.grad for p in params], coef)
+
     def _count_firings(self, z: SparseLatents) -> None:
         fired_f = torch.zeros_like(self.tokens_since_fired_f)
         fired_f[z.indices_n[z.values_n != 0]] = 1
         n_samples = torch.tensor(z.batch_size, device=fired_f.device)
-        if _distributed():
-            dist.all_reduce(fired_f, op=dist.ReduceOp.MAX)
-            dist.all_reduce(n_samples)
+        self.layout.reduce_over_data_(fired_f, op=dist.ReduceOp.MAX)
+        self.layout.reduce_over_data_(n_samples)
         if self.dead_tokens_threshold is None:
             # A tenth of the run (at this batch size), capped at Gao et al.'s 10M samples.
             self.dead_tokens_threshold = min(MAX_DEAD_TOKENS, max(1, self.total_steps * int(n_samples) // 10))

@@ -1,0 +1,74 @@
+"""Latent-sharded (and data-parallel) training gives what one process gives, on real gloo process groups.
+
+Each rank runs tests/train/sharded_worker.py in its own process; the reference is `SAETrainer`
+on the full SAE in this process, on the same global batches.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlsae_ray.sae import build_sae
+from vlsae_ray.train import SAETrainer
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+SAE = {"d_in": 16, "n_latents": 64, "k": 4}
+STEPS, BATCH = 6, 64
+
+
+def run_ranks(tmp_path, world, latent_shards, spec, x):
+    (tmp_path / "out").mkdir()
+    torch.save(x, tmp_path / "out" / "x.pt")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(world), str(rank), str(latent_shards),
+             str(tmp_path / "pg"), str(tmp_path / "out"), json.dumps(spec)],
+            stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(world)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    return [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(0, world, latent_shards)]
+
+
+def reference(x, spec):
+    torch.manual_seed(0)
+    sae = build_sae(spec["sae"])
+    trainer = SAETrainer(sae, total_steps=spec["steps"], sample=x[:256], dead_tokens_threshold=spec["dead"])
+    metrics = [trainer.step(x[s * spec["batch"] : (s + 1) * spec["batch"]]) for s in range(spec["steps"])]
+    with torch.no_grad():
+        z = sae.eval().encode(x[:128])
+    return metrics, sae.state_dict(), z
+
+
+@pytest.mark.parametrize(
+    ("architecture", "world", "latent_shards", "dead"),
+    [
+        ("topk", 2, 2, 64),  # 2 shards; latents die after one batch, so AuxK runs across shards
+        ("batchtopk", 2, 2, 64),
+        ("topk", 4, 4, 64),
+        ("topk", 4, 2, 10**9),  # 2 data-parallel x 2 latent shards (no AuxK: its loss is not a mean)
+    ],
+)
+def test_sharded_training_matches_one_process(tmp_path, architecture, world, latent_shards, dead):
+    x = 2.0 * torch.randn(STEPS * BATCH, SAE["d_in"], generator=torch.Generator().manual_seed(1)) + 1.0
+    spec = {"sae": {"architecture": architecture, **SAE}, "steps": STEPS, "batch": BATCH, "dead": dead}
+    expected_metrics, expected_state, expected_z = reference(x, spec)
+    results = run_ranks(tmp_path, world, latent_shards, spec, x)
+    if world == latent_shards:
+        assert any("auxk" in m for m in expected_metrics) == (dead < 10**9)
+    for step, expected in enumerate(expected_metrics):
+        # each data-parallel part's loss is the MSE of its half batch: their mean is the full batch's
+        loss = sum(r["metrics"][step]["loss"] for r in results) / len(results)
+        assert loss == pytest.approx(expected["loss"], rel=1e-4)
+        assert results[0]["metrics"][step]["dead_fraction"] == pytest.approx(expected["dead_fraction"])
+    for result in results:
+        for name, tensor in expected_state.items():
+            torch.testing.assert_close(result["state"][name], tensor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result["z"], expected_z, rtol=1e-4, atol=1e-5)
