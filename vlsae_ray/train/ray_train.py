@@ -1,12 +1,18 @@
-"""Distributed SAE training with Ray Train: one `train_loop_per_worker`, data-parallel over the shards.
+"""Distributed SAE training with Ray Train: one `train_loop_per_worker`, data x latent parallel.
 
-Each worker reads its split of the activation dataset through Ray Data, wraps the SAE with
-`ray.train.torch.prepare_model` (DistributedDataParallel over gloo on CPU, NCCL on GPU) and runs
-the same `SAETrainer.step` as `fit_local`. Rank 0 saves the trained SAE to the config's output.
+Workers form data_parallel x latent_shards (`parallel.ParallelLayout`): the ranks of a latent
+group split one SAE's latents (`parallel.LatentShardedSAE`); data groups train on different
+parts of each global batch and average gradients with DistributedDataParallel (gloo on CPU,
+NCCL on GPU). Each data part reads its batches from the shard store (`ActivationStream`: seeded,
+so a resumed run sees exactly the batches it had left). Every `checkpoint_every` steps all ranks
+write a checkpoint beside the output (`checkpoint`); a restarted worker (Ray Train's
+FailureConfig) or a resubmitted job resumes from the latest one. Rank 0 logs progress, reports
+metrics to Ray Train and saves the trained SAE, gathered from its shards, to the output.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -14,15 +20,18 @@ from pydantic import BaseModel
 
 from vlsae_ray import storage
 from vlsae_ray.activations import store
-from vlsae_ray.activations.reader import activation_dataset
+from vlsae_ray.activations.reader import ActivationStream, StreamPosition
 from vlsae_ray.config import TrainConfig
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import read_run_info, write_run_info
 from vlsae_ray.sae import build_sae
+from vlsae_ray.train import checkpoint
+from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
 from vlsae_ray.train.step import SAETrainer
 
 INIT_SAMPLES = 8192
 REPORT_EVERY = 10
+log = logging.getLogger(__name__)
 
 
 class TrainSummary(BaseModel):
@@ -50,46 +59,75 @@ def _init_sample(dataset: str, rows: int, seed: int) -> torch.Tensor:
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
 
     config = TrainConfig.model_validate(loop_config["config"])
-    context = ray.train.get_context()
-    world_size, rank = context.get_world_size(), context.get_world_rank()
-    batch_per_worker = config.training.batch_size // world_size
-    steps_per_epoch = loop_config["rows"] // world_size // batch_per_worker
-    torch.manual_seed(config.training.seed)  # identical initial weights on every rank
-    model = ray.train.torch.prepare_model(build_sae(config.sae))
+    training = config.training
+    layout = ParallelLayout.create(training.latent_shards)
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(training.seed)
+    if layout.latent_shards > 1:
+        sae = LatentShardedSAE(config.sae, layout, seed=training.seed).to(device)
+    else:
+        sae = build_sae(config.sae).to(device)
+    model = sae
+    if layout.data_parallel > 1:
+        model = DistributedDataParallel(
+            sae, process_group=layout.data_group, device_ids=[device] if device.type == "cuda" else None
+        )
+    stream = ActivationStream(
+        config.activations,
+        batch_size=training.batch_size,
+        seed=training.seed,
+        window_shards=training.window_shards,
+        part=layout.data_index,
+        parts=layout.data_parallel,
+    )
+    steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(training.epochs)]
     trainer = SAETrainer(
         model,
-        total_steps=config.training.epochs * steps_per_epoch,
-        lr=config.training.lr,
+        total_steps=sum(steps_per_epoch),
+        lr=training.lr,
         sample=loop_config["init_sample"],
+        layout=layout,
     )
-    shard = ray.train.get_dataset_shard("train")
-    start, samples, metrics = time.perf_counter(), 0, {}
-    for _ in range(config.training.epochs):
-        batches = shard.iter_torch_batches(
-            batch_size=batch_per_worker, drop_last=True, local_shuffle_buffer_size=4 * batch_per_worker
-        )
-        for step_in_epoch, batch in enumerate(batches):
-            if step_in_epoch >= steps_per_epoch:  # equal step counts on every rank keep DDP in lockstep
-                break
-            metrics = trainer.step(batch["x"])
-            samples += batch["x"].shape[0] * world_size
-            if trainer.steps % REPORT_EVERY == 0 or trainer.steps == trainer.total_steps:
-                metrics.update(
-                    steps=trainer.steps,
-                    samples=samples,
-                    samples_per_second=samples / (time.perf_counter() - start),
+    position = checkpoint.restore(config.output, trainer, layout)
+    if position != StreamPosition() and rank == 0:
+        log.warning("resuming from the checkpoint at step %d (epoch %d)", trainer.steps, position.epoch)
+    start, first_step, metrics = time.perf_counter(), trainer.steps, {}
+    for epoch in range(position.epoch, training.epochs):
+        step_in_epoch = position.step if epoch == position.epoch else 0
+        for x_bd in stream.epoch(epoch, start_step=step_in_epoch):
+            metrics = trainer.step(x_bd)
+            step_in_epoch += 1
+            if training.checkpoint_every and trainer.steps % training.checkpoint_every == 0:
+                checkpoint.save(
+                    config.output, trainer, StreamPosition(epoch, step_in_epoch), layout,
+                    training.keep_checkpoints,
                 )
+            if trainer.steps % REPORT_EVERY == 0 or trainer.steps == trainer.total_steps:
+                elapsed = time.perf_counter() - start
+                rate = (trainer.steps - first_step) * training.batch_size / elapsed
+                metrics.update(steps=trainer.steps, samples=trainer.steps * training.batch_size,
+                               samples_per_second=rate)
                 ray.train.report(metrics)
+                if rank == 0:
+                    eta = (trainer.total_steps - trainer.steps) * training.batch_size / max(rate, 1e-9)
+                    log.warning(
+                        "step %d/%d (%.0f%%)  loss %.4g  fvu %.3f  l0 %.1f  %.0f samples/s  ETA %.0f s",
+                        trainer.steps, trainer.total_steps, 100 * trainer.steps / trainer.total_steps,
+                        metrics["loss"], metrics["fvu"], metrics["l0"], rate, eta,
+                    )
+    full = sae.full_sae() if layout.latent_shards > 1 else sae
     if rank == 0:
-        trainer.sae.save(config.output)
+        full.save(config.output)
         write_run_info(config.output, "train", config, **metrics)
 
 
 def run_train(config: TrainConfig) -> TrainSummary:
     """Fit the configured SAE on the activation dataset with a Ray Train TorchTrainer."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     manifest = store.read_manifest(config.activations)
@@ -99,18 +137,19 @@ def run_train(config: TrainConfig) -> TrainSummary:
             f"d={manifest.d}; set sae.d_in: {manifest.d}"
         )
     workers = config.training.num_workers
-    if manifest.rows // workers < config.training.batch_size // workers:
-        raise ValueError(
-            f"training.batch_size={config.training.batch_size} is larger than the {manifest.rows} rows "
-            f"of {config.activations!r} allow over {workers} workers; lower it"
-        )
+    ActivationStream(  # fails now if the dataset cannot fill one batch per data-parallel part
+        config.activations,
+        batch_size=config.training.batch_size,
+        seed=config.training.seed,
+        window_shards=config.training.window_shards,
+        parts=workers // config.training.latent_shards,
+    )
     storage.check_writable(config.output)
     connect_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "rows": manifest.rows,
             "init_sample": _init_sample(config.activations, INIT_SAMPLES, config.training.seed),
         },
         scaling_config=ScalingConfig(
@@ -122,12 +161,10 @@ def run_train(config: TrainConfig) -> TrainSummary:
             },
         ),
         torch_config=TorchConfig(backend="nccl" if config.training.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"vlsae-train-{int(time.time())}"),
-        datasets={
-            "train": activation_dataset(config.activations, shuffle_seed=config.training.seed).select_columns(
-                ["x"]
-            )
-        },
+        run_config=RunConfig(
+            name=f"vlsae-train-{int(time.time())}",
+            failure_config=FailureConfig(max_failures=config.training.max_failures),
+        ),
     )
     trainer.fit()
     metrics = dict(read_run_info(config.output)["results"])

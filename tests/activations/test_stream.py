@@ -1,0 +1,58 @@
+"""The training stream: parts split each epoch without overlap, and a resumed stream repeats nothing."""
+
+import torch
+
+from vlsae_ray.activations import store
+from vlsae_ray.activations.reader import ActivationStream
+
+SHARD_ROWS = [40, 40, 40, 40, 40, 40, 40, 23]  # uneven last shard
+
+
+def numbered_dataset(root):
+    """Row r of the dataset has x[:, 0] = r, so each batch row names the dataset row it came from."""
+    records, start = [], 0
+    for index, rows in enumerate(SHARD_ROWS):
+        x = torch.zeros(rows, 4)
+        x[:, 0] = torch.arange(start, start + rows)
+        ids = [f"row-{r}" for r in range(start, start + rows)]
+        records.append(store.write_shard(root, index, x, ids, torch.zeros(rows, dtype=torch.int32)))
+        start += rows
+    manifest = store.Manifest(
+        d=4, dtype="float32", model="m", hook_point="h", token="cls", items=start, shard_rows=max(SHARD_ROWS)
+    )
+    store.commit(root, manifest, records)
+    return start
+
+
+def rows_of(batches):
+    return [int(r) for batch in batches for r in batch[:, 0]]
+
+
+def test_parts_split_each_epoch_without_overlap_or_repeats(tmp_path):
+    total = numbered_dataset(str(tmp_path))
+    for epoch in range(2):
+        streams = [
+            ActivationStream(str(tmp_path), batch_size=32, seed=7, window_shards=2, part=p, parts=2)
+            for p in range(2)
+        ]
+        steps = streams[0].steps_in_epoch(epoch)
+        parts = [rows_of(stream.epoch(epoch)) for stream in streams]
+        assert all(len(rows) == steps * 16 for rows in parts)
+        seen = parts[0] + parts[1]
+        assert len(set(seen)) == len(seen)  # no row twice in an epoch, within or across parts
+        # left out: at most each part's partial last batch plus the longer part's surplus windows
+        assert total - len(seen) < 2 * 16 + 2 * max(SHARD_ROWS)
+        # each part reads whole windows of its own: no shard feeds both parts
+        shards = [{r // 40 for r in rows} for rows in parts]
+        assert not shards[0] & shards[1]
+    orders = [rows_of(ActivationStream(str(tmp_path), batch_size=32, seed=s).epoch(0)) for s in (7, 7, 8)]
+    assert orders[0] == orders[1] != orders[2]
+
+
+def test_resumed_stream_continues_with_the_same_batches(tmp_path):
+    numbered_dataset(str(tmp_path))
+    stream = ActivationStream(str(tmp_path), batch_size=24, seed=3, window_shards=3)
+    full = rows_of(stream.epoch(1))
+    assert len(full) == stream.steps_in_epoch(1) * 24 == 303 // 24 * 24
+    for start in (0, 1, 5, stream.steps_in_epoch(1) - 1):
+        assert rows_of(stream.epoch(1, start_step=start)) == full[start * 24 :]

@@ -1,0 +1,462 @@
+"""`vlsae plan`: memory per worker, sharding layout and step cost of latent-sharded TopK SAE training.
+
+Pure arithmetic, no torch: it answers "which layout, and does it fit?" before a job asks for GPUs.
+
+Setup. `n_gpus` workers form `data_parallel` (P) groups of `latent_shards` (W) workers, P·W = n_gpus.
+Each worker of a latent-shard group holds F_w = F/W encoder rows and decoder columns and sees the
+same B_w = B/P samples as the rest of its group; the groups split the global batch B. With a the
+bytes of the training dtype and 8 bytes per int64 index, one worker holds (Shapes as in
+`vlsae_ray.sae.base`; n = 2·F_w·d + F_w + d parameters: W_enc [F_w, d], W_dec [F_w, d], b_enc [F_w],
+b_dec [d], b_dec replicated across the shards):
+
+    parameters   n·a
+    gradients    n·a, or ceil(n/P)·a with ZeRO 2 (each data-parallel rank keeps its partition);
+                 twice n·a under plain DDP (P > 1, ZeRO 0), whose flat all-reduce buckets hold a second
+                 copy unless `gradient_as_bucket_view=True`
+    optimizer    Adam's two fp32 moments, 8 bytes per element, plus a fp32 master copy, 4 bytes,
+                 when a < 4 or with ZeRO (DeepSpeed's ZeRO optimizer always steps a fp32 partition,
+                 deepspeed/runtime/zero/stage_1_and_2.py), over m = n elements, or m = ceil(n/P)
+                 with ZeRO 1 or 2 (Rajbhandari et al. 2020, "ZeRO", sec. 5); plus one fp32 step
+                 counter per optimised tensor (4 tensors, or 1 flat partition with ZeRO)
+
+and, in one step, the forward's buffers (peak at the AuxK selection, when all are alive):
+
+    inputs           x and x - b_dec:                          2·B_w·d·a
+    pre-activations  W_enc (x - b_dec) + b_enc, [B_w, F_w]:     B_w·F_w·a
+    candidates       local top-k (values + indices); with W > 1 also the group's candidates, stacked
+                     [W, B_w, k] and laid out per sample [B_w, W·k], and the global top-k
+                     (`LatentShardedSAE._global_topk`):         (1 + 2W + 1)·B_w·k·(a + 8)
+    codes            this worker's active entries, at most B_w·k (all winners may sit in one shard):
+                     index, sample and CSR order (3 × 8 bytes) and the value's 6 differentiable copies
+                     of the gathered pre-activation path (`SparseAutoencoder.gathered_pre_acts`), and
+                     the offsets by latent that the backward's sums use, (F_w + 1)·8
+    reconstruction   partial decode, x_hat, x - x_hat, its square: 4·B_w·d·a
+    AuxK             (Gao et al. 2024, sec. A.2) the larger of: the dead columns of the
+                     pre-activations, copied for their top-k (all F_w in the worst case), with its
+                     candidates as above with aux_k for k; and, once that copy is freed, its codes and
+                     its reconstruction, residual and normalised-MSE buffers, 6·B_w·d·a
+
+then, once the forward's buffers are freed, the update's temporaries, the larger of: projecting
+the decoder gradient off each column (`remove_parallel_grads_`), two [F_w, d] buffers of the held
+gradient, 2·F_w·d·a; and the gradient norm for clipping (`SAETrainer._clip_grad_norm`), which
+squares a fp64 copy of each gradient, 16 bytes per element of the largest, [F_w, d]; plus what the
+step keeps for its metrics (x, x_hat and the codes), and with ZeRO a gradient-reduction bucket of
+min(`zero_bucket_elements`, n) elements (fp32 with ZeRO 1, the training dtype with ZeRO 2;
+DeepSpeed's default size is 5e8). The peak is
+
+    peak = parameters + gradients + optimizer + max(forward buffers, update temporaries)
+
+and a layout fits when peak <= `usable_fraction` × GPU memory (the rest: CUDA context, NCCL
+buffers, allocator fragmentation). The AuxK term assumes every latent is dead, so the estimate is an
+upper bound early in training. The model follows the sparse kernels (`vlsae_ray.sae.kernels`,
+k·B <= B·F_w/8): the encoder's backward touches only the selected entries.
+
+FLOPs per step, over all workers (a multiply-add is 2 FLOPs):
+
+    encoder   2·B·d·F     the dense GEMM, every sample against every latent; it dominates
+    decoder   2·B·k·d     the sparse decode of the B·k active entries
+    AuxK      2·B·aux_k·d its decode (the selection reuses the pre-activations)
+    backward  4·B·(k + aux_k)·d for the decoder (weights and codes) plus as much for the encoder,
+              whose gradient is nonzero only at the selected entries: ~2× the sparse forward
+
+Each worker does 1/n_gpus of it. Communication per step per worker, counted as the bytes each
+worker sends with ring algorithms (an all-gather of c bytes per worker over G workers sends
+(G-1)·c; an all-reduce of N bytes sends 2·(G-1)/G·N):
+
+    candidates      all-gather over the shard group of the B_w·k (and B_w·aux_k) local candidates
+    reconstruction  all-reduce over the shard group of the [B_w, d] partial decodes (main and AuxK)
+                    and, in the backward, of the centred input's gradient (Megatron-LM's f and g,
+                    `vlsae_ray.train.parallel`)
+    gradients       all-reduce of the n gradient elements over the P data-parallel ranks; ZeRO 1/2's
+                    reduce-scatter + all-gather of updated parameters sends the same volume (ZeRO, sec. 7)
+
+The dead-latent statistics (one flag per latent, all-reduced over P) and the scalar all-reduces
+are under 1% of the gradient all-reduce and left out.
+
+The layout chosen is the one that fits and sends the least per step (then: more data parallelism,
+a lower ZeRO stage). More data parallelism is not less communication for an SAE: its parameters
+(2·F·d) outweigh a batch's activations (B·d), so the all-reduce of replicated gradients costs more
+than gathering candidates and partial decodes, except for small dictionaries on large batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+GiB = 2**30
+INDEX_BYTES = 8  # torch.topk and the sparse codes use int64 indices
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ZERO_STAGES = (0, 1, 2)
+# DeepSpeed's default `reduce_bucket_size` (deepspeed/runtime/zero/config.py).
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
+# SAETrainer._clip_grad_norm: a fp64 copy of a gradient and its square, 8 bytes each per element.
+GRAD_NORM_BYTES = 16
+# gathered_pre_acts keeps the gathered dot, its clone, b_enc at the entry, its scaled copy, the
+# difference and the sum; `activate` adds the ReLU.
+CODE_VALUE_COPIES = 6
+
+
+class ActivationMemory(NamedTuple):
+    """Bytes of one worker's forward buffers, by part."""
+
+    inputs: int
+    pre_activations: int
+    candidates: int
+    codes: int
+    reconstruction: int
+    auxk: int
+
+    @property
+    def total(self) -> int:
+        return sum(self)
+
+
+class CommVolume(NamedTuple):
+    """Bytes one worker sends per step."""
+
+    candidates: int
+    reconstruction: int
+    gradients: int
+
+    @property
+    def total(self) -> int:
+        return sum(self)
+
+
+class StepFlops(NamedTuple):
+    """FLOPs of one training step over the whole global batch."""
+
+    encoder: int
+    decoder: int
+    auxk: int
+    backward: int
+
+    @property
+    def total(self) -> int:
+        return sum(self)
+
+
+class LayoutPlan(NamedTuple):
+    """One candidate layout: P data-parallel groups × W latent shards, with a ZeRO stage."""
+
+    data_parallel: int
+    latent_shards: int
+    zero_stage: int
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: ActivationMemory
+    temporaries: int
+    comm: CommVolume
+    flops_per_worker: float
+    fits: bool
+
+    @property
+    def states(self) -> int:
+        """Parameters, gradients and optimizer state: held between steps."""
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.states + max(self.activations.total, self.temporaries)
+
+    @property
+    def name(self) -> str:
+        return f"{self.data_parallel} x {self.latent_shards}"
+
+
+class Plan(NamedTuple):
+    """Every candidate layout of a run, the chosen one (None: nothing fits) and why."""
+
+    d: int
+    n_latents: int
+    k: int
+    aux_k: int
+    batch_size: int
+    dtype: str
+    n_gpus: int
+    gpu_memory_gb: float
+    usable_bytes: int
+    flops: StepFlops
+    layouts: tuple[LayoutPlan, ...]
+    skipped: tuple[str, ...]  # layouts that do not divide F or the batch, with the reason
+    chosen: LayoutPlan | None
+    reason: str
+
+    def layout(self, data_parallel: int, latent_shards: int, zero_stage: int = 0) -> LayoutPlan:
+        """The candidate with this layout and ZeRO stage."""
+        for candidate in self.layouts:
+            if (candidate.data_parallel, candidate.latent_shards, candidate.zero_stage) == (
+                data_parallel,
+                latent_shards,
+                zero_stage,
+            ):
+                return candidate
+        raise KeyError(f"no candidate layout {data_parallel} x {latent_shards} with ZeRO {zero_stage}")
+
+
+def dtype_bytes(dtype: str) -> tuple[str, int]:
+    """(canonical name, bytes per element) of a training dtype such as 'bf16' or 'float32'."""
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPE_BYTES:
+        raise ValueError(
+            f"dtype={dtype!r} is not a training dtype: use one of {', '.join([*DTYPE_ALIASES, *DTYPE_BYTES])}"
+        )
+    return name, DTYPE_BYTES[name]
+
+
+def step_flops(d: int, n_latents: int, k: int, aux_k: int, batch_size: int) -> StepFlops:
+    """FLOPs of one step over the global batch (module docstring)."""
+    return StepFlops(
+        encoder=2 * batch_size * d * n_latents,
+        decoder=2 * batch_size * k * d,
+        auxk=2 * batch_size * aux_k * d,
+        backward=8 * batch_size * (k + aux_k) * d,
+    )
+
+
+def _selection_bytes(batch: int, k: int, shard_latents: int, latent_shards: int, a: int) -> tuple[int, int]:
+    """(candidates, codes) bytes of one exact top-k across the shard group (module docstring)."""
+    local_k = min(k, shard_latents)
+    entry = a + INDEX_BYTES
+    candidates = batch * local_k * entry
+    if latent_shards > 1:
+        candidates += 2 * latent_shards * batch * local_k * entry + batch * k * entry
+    codes = batch * k * (3 * INDEX_BYTES + CODE_VALUE_COPIES * a) + (shard_latents + 1) * INDEX_BYTES
+    return candidates, codes
+
+
+def _allreduce_bytes(nbytes: int, group: int) -> int:
+    """Bytes each of `group` workers sends in a ring all-reduce of `nbytes`."""
+    return 2 * (group - 1) * nbytes // group
+
+
+def worker_plan(
+    d: int,
+    n_latents: int,
+    k: int,
+    aux_k: int,
+    batch_size: int,
+    a: int,
+    data_parallel: int,
+    latent_shards: int,
+    zero_stage: int,
+    zero_bucket_elements: int,
+    usable_bytes: int,
+) -> LayoutPlan:
+    """Memory, communication and FLOPs of one worker of a layout whose shards divide F and B."""
+    P, W = data_parallel, latent_shards
+    F_w, B_w = n_latents // W, batch_size // P
+    n = 2 * F_w * d + F_w + d
+    partition = math.ceil(n / P) if zero_stage >= 1 else n
+    held_gradients = math.ceil(n / P) if zero_stage == 2 else n
+    ddp_buckets = n if (P > 1 and zero_stage == 0) else 0
+    master = 4 if (a < 4 or zero_stage >= 1) else 0
+    step_counters = 4 * (1 if zero_stage >= 1 else 4)
+
+    candidates, codes = _selection_bytes(B_w, k, F_w, W, a)
+    aux_candidates, aux_codes = _selection_bytes(B_w, aux_k, F_w, W, a) if aux_k else (0, 0)
+    activations = ActivationMemory(
+        inputs=2 * B_w * d * a,
+        pre_activations=B_w * F_w * a,
+        candidates=candidates,
+        codes=codes,
+        reconstruction=4 * B_w * d * a,
+        # the dead-column copy is freed before the AuxK codes and reconstruction are made
+        auxk=max(B_w * F_w * a + aux_candidates, aux_codes + 6 * B_w * d * a) if aux_k else 0,
+    )
+    held_decoder_gradient = F_w * d if zero_stage < 2 else math.ceil(F_w * d / P)
+    bucket = min(zero_bucket_elements, n) * (4 if zero_stage == 1 else a) if zero_stage >= 1 else 0
+    kept = 2 * B_w * d * a + codes  # x, x_hat and the codes, which the step keeps for its metrics
+    temporaries = max(2 * a, GRAD_NORM_BYTES) * held_decoder_gradient + kept + bucket
+
+    n_selections = 2 if aux_k else 1
+    comm = CommVolume(
+        candidates=(W - 1) * B_w * (min(k, F_w) + min(aux_k, F_w)) * (a + INDEX_BYTES),
+        reconstruction=(n_selections + 1) * _allreduce_bytes(B_w * d * a, W),
+        gradients=_allreduce_bytes(n * a, P),
+    )
+    layout = LayoutPlan(
+        data_parallel=P,
+        latent_shards=W,
+        zero_stage=zero_stage,
+        parameters=n * a,
+        gradients=(held_gradients + ddp_buckets) * a,
+        optimizer=partition * (8 + master) + step_counters,
+        activations=activations,
+        temporaries=temporaries,
+        comm=comm,
+        flops_per_worker=step_flops(d, n_latents, k, aux_k, batch_size).total / (P * W),
+        fits=False,
+    )
+    return layout._replace(fits=layout.peak <= usable_bytes)
+
+
+def plan(
+    d: int,
+    n_latents: int,
+    k: int,
+    batch_size: int,
+    dtype: str,
+    n_gpus: int,
+    gpu_memory_gb: float,
+    *,
+    zero_stage: int | None = None,
+    aux_k: int | None = None,
+    usable_fraction: float = 0.9,
+    zero_bucket_elements: int = DEEPSPEED_BUCKET_ELEMENTS,
+) -> Plan:
+    """Every layout P × W = n_gpus (and ZeRO stage), its memory per worker and cost, and the choice.
+
+    `batch_size` is the global batch (samples per optimiser step), `gpu_memory_gb` the memory of one
+    GPU in GiB, of which `usable_fraction` is planned for. `zero_stage` None tries 0, 1 and 2
+    (stages 1 and 2 only with data parallelism); `aux_k` None is the TopK SAE's default
+    (d // 2 dead latents, `TopKConfig.aux_k_latents`), 0 plans without the AuxK loss.
+    """
+    for name, value in (("d", d), ("n_latents", n_latents), ("k", k), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if not isinstance(n_gpus, int) or n_gpus < 1:
+        raise ValueError(f"n_gpus={n_gpus!r} must be a positive integer")
+    if not gpu_memory_gb > 0:
+        raise ValueError(f"gpu_memory_gb={gpu_memory_gb!r} must be positive (GiB of one GPU, e.g. 80)")
+    if k > n_latents:
+        raise ValueError(f"k={k} must be at most n_latents={n_latents}")
+    if aux_k is None:
+        aux_k = min(n_latents, max(1, d // 2))
+    if not 0 <= aux_k <= n_latents:
+        raise ValueError(f"aux_k={aux_k} must be between 0 (no AuxK loss) and n_latents={n_latents}")
+    if zero_stage is not None and zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage={zero_stage!r} must be one of {ZERO_STAGES} (or None to try all)")
+    if not 0 < usable_fraction <= 1:
+        raise ValueError(f"usable_fraction={usable_fraction} must be in (0, 1]")
+    dtype, a = dtype_bytes(dtype)
+    usable_bytes = int(usable_fraction * gpu_memory_gb * GiB)
+
+    layouts, skipped = [], []
+    for W in (w for w in range(1, n_gpus + 1) if n_gpus % w == 0):
+        P = n_gpus // W
+        if n_latents % W:
+            skipped.append(f"{P} x {W}: n_latents={n_latents} is not divisible by {W} latent shards")
+            continue
+        if batch_size % P:
+            skipped.append(f"{P} x {W}: batch_size={batch_size} is not divisible by {P} data-parallel groups")
+            continue
+        stages = ZERO_STAGES if zero_stage is None else (zero_stage,)
+        for stage in stages:
+            if zero_stage is None and stage > 0 and P == 1:
+                continue  # nothing to partition over
+            layouts.append(
+                worker_plan(
+                    d, n_latents, k, aux_k, batch_size, a, P, W, stage, zero_bucket_elements, usable_bytes
+                )
+            )
+    fitting = [layout for layout in layouts if layout.fits]
+    chosen = min(fitting, key=lambda c: (c.comm.total, -c.data_parallel, c.zero_stage), default=None)
+    return Plan(
+        d=d,
+        n_latents=n_latents,
+        k=k,
+        aux_k=aux_k,
+        batch_size=batch_size,
+        dtype=dtype,
+        n_gpus=n_gpus,
+        gpu_memory_gb=gpu_memory_gb,
+        usable_bytes=usable_bytes,
+        flops=step_flops(d, n_latents, k, aux_k, batch_size),
+        layouts=tuple(layouts),
+        skipped=tuple(skipped),
+        chosen=chosen,
+        reason=_reason(chosen, layouts, skipped, usable_bytes, gpu_memory_gb),
+    )
+
+
+def _reason(
+    chosen: LayoutPlan | None,
+    layouts: list[LayoutPlan],
+    skipped: list[str],
+    usable_bytes: int,
+    gpu_memory_gb: float,
+) -> str:
+    budget = f"{usable_bytes / GiB:.1f} GiB usable of {gpu_memory_gb:g} GiB per GPU"
+    if chosen is not None:
+        return (
+            f"{chosen.name} with ZeRO {chosen.zero_stage}: the least communication of the layouts that fit"
+            f" ({chosen.peak / GiB:.1f} GiB per worker, {budget})"
+        )
+    if not layouts:
+        return "no layout divides the latents and the batch: " + "; ".join(skipped)
+    leanest = min(layouts, key=lambda c: c.peak)
+    parts = {
+        "parameters": leanest.parameters,
+        "gradients": leanest.gradients,
+        "optimizer state": leanest.optimizer,
+        "forward activations": leanest.activations.total,
+        "update temporaries": leanest.temporaries,
+    }
+    largest = max(parts, key=parts.get)
+    return (
+        f"no layout fits in {budget}: the leanest, {leanest.name} with ZeRO {leanest.zero_stage},"
+        f" needs {leanest.peak / GiB:.1f} GiB, its largest part {largest} ({parts[largest] / GiB:.1f} GiB);"
+        " use more GPUs, a smaller batch, a 16-bit dtype or ZeRO 2"
+    )
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f}"
+
+
+def _si(value: float, unit: str) -> str:
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a table: one row per layout, memory per worker in GiB, then the choice."""
+    f = p.flops
+    lines = [
+        f"SAE d={p.d}, F={p.n_latents:,} latents, k={p.k}, aux_k={p.aux_k}, batch {p.batch_size}, {p.dtype};"
+        f" {p.n_gpus} GPUs x {p.gpu_memory_gb:g} GiB ({p.usable_bytes / GiB:.1f} GiB planned per GPU)",
+        f"FLOPs per step: {_si(f.total, 'FLOP')} (encoder {_si(f.encoder, 'FLOP')}, decoder"
+        f" {_si(f.decoder, 'FLOP')}, AuxK {_si(f.auxk, 'FLOP')}, backward {_si(f.backward, 'FLOP')});"
+        f" {_si(f.total / p.n_gpus, 'FLOP')} per worker",
+        "",
+        "memory per worker in GiB; dp x ls = data-parallel groups x latent shards; comm = bytes sent per step",
+    ]
+    header = ("dp x ls", "ZeRO", "params", "grads", "optim", "acts", "temps", "peak", "fits", "comm/step")
+    rows = [header]
+    for c in p.layouts:
+        rows.append(
+            (
+                c.name,
+                str(c.zero_stage),
+                _gib(c.parameters),
+                _gib(c.gradients),
+                _gib(c.optimizer),
+                _gib(c.activations.total),
+                _gib(c.temporaries),
+                _gib(c.peak),
+                "yes" if c.fits else "no",
+                _si(c.comm.total, "B"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines += [f"skipped {reason}" for reason in p.skipped]
+    lines.append("")
+    if p.chosen is None:
+        lines.append(f"chosen: none. {p.reason}")
+        return "\n".join(lines)
+    c = p.chosen
+    acts = ", ".join(f"{name.replace('_', '-')} {_gib(v)}" for name, v in c.activations._asdict().items())
+    lines += [
+        f"chosen: {p.reason}",
+        f"  activations (GiB): {acts}",
+        f"  comm per step: candidates {_si(c.comm.candidates, 'B')}, reconstruction"
+        f" {_si(c.comm.reconstruction, 'B')}, gradients {_si(c.comm.gradients, 'B')}",
+    ]
+    return "\n".join(lines)
