@@ -1,9 +1,12 @@
-"""open_clip backbones: loading through open_clip's own factory, and activations at hook points.
+"""open_clip backbones: loading through open_clip's own factory, and the outputs of hook points.
 
 A hook point is the name of a module in the model (`model.named_modules()`); its activation is
-that module's output. `visual.transformer.resblocks.{i}` is the residual stream after vision
-block i (a [B, tokens, d] tensor, of which `token: cls` keeps token 0); `visual` is the image
-embedding after the projection ([B, embed_dim]).
+that module's output. Image tower: `visual.transformer.resblocks.{i}` is the residual stream after
+vision block i ([B, tokens, d]; token 0 is the class token), `visual.ln_post` the final norm over
+the sequence, `visual` the image embedding after the projection ([B, embed_dim]). Text tower:
+`transformer.resblocks.{i}` and `ln_final` over the token sequence, `text` the text embedding
+(`encode_text`). Text is tokenized by open_clip's tokenizer for the model; the real tokens of a
+caption are those up to the position the model pools (its EOT token).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from pathlib import Path
 
 import open_clip
 import torch
-from PIL import Image
 
 from vlsae_ray import storage
+from vlsae_ray.backbones.hooks import run_with_hooks
+from vlsae_ray.backbones.rows import HookOutput
 from vlsae_ray.config import BackboneConfig
 from vlsae_ray.world.clip import CHECKPOINT_PATH, MODEL_NAME, register_world_clip
 
@@ -48,16 +52,18 @@ def _local_checkpoint(pretrained: str | None) -> str | None:
     return str(target)
 
 
-def image_preprocessor(config: BackboneConfig):
-    """The model's eval-time image transform (PIL -> [3, H, W]) without building the model.
-
-    CPU preprocessing tasks use this so only the model actors hold weights.
-    """
+def _model_config(config: BackboneConfig) -> dict:
     model_config = open_clip.get_model_config(config.model)
     if model_config is None:
         raise ValueError(
             f"unknown open_clip model {config.model!r}; known: {', '.join(open_clip.list_models())}"
         )
+    return model_config
+
+
+def image_preprocessor(config: BackboneConfig):
+    """The model's eval-time image transform (PIL -> [3, H, W]) without building the model."""
+    model_config = _model_config(config)
     preprocess = dict(model_config.get("preprocess_cfg", {}))
     checkpoint = _local_checkpoint(config.pretrained)
     if config.pretrained and not (checkpoint and Path(checkpoint).exists()):
@@ -72,86 +78,99 @@ def image_preprocessor(config: BackboneConfig):
     )
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("backbone.device is 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
-    return torch.device(device)
-
-
-def valid_hook_points(model: torch.nn.Module) -> list[str]:
-    """Names worth hooking: each vision block's output, the final norm and the image embedding."""
-    blocks = [name for name, _ in model.named_modules() if name.startswith("visual.transformer.resblocks.")]
-    return [*[name for name in blocks if name.count(".") == 3], "visual.ln_post", "visual"]
-
-
-def hooked_image_forward(
-    model: torch.nn.Module, pixels_bchw: torch.Tensor, hook_points: list[str], token: str = "cls"
-) -> dict[str, torch.Tensor]:
-    """{hook point: [B, d] activation} from one forward pass of the image tower."""
-    valid = valid_hook_points(model)
-    for name in hook_points:
-        if name not in valid:
-            raise ValueError(
-                f"hook point {name!r} is not in this model; valid hook points: {', '.join(valid)}"
-            )
-    modules = dict(model.named_modules())
-    batch_first = getattr(model.visual.transformer, "batch_first", True)
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(name):
-        def hook(_module, _inputs, output):
-            output = output[0] if isinstance(output, tuple) else output
-            if output.ndim == 3:  # a token sequence: keep the chosen token
-                output = output if batch_first else output.transpose(0, 1)
-                output = output[:, 0] if token == "cls" else output
-            captured[name] = output
-
-        return hook
-
-    handles = [modules[name].register_forward_hook(capture(name)) for name in hook_points]
-    try:
-        model.encode_image(pixels_bchw)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def hook_dims(config: BackboneConfig, hook_points: list[str], token: str = "cls") -> dict[str, int]:
-    """Validate hook point names and find each one's width, with no weights (a meta-device forward).
-
-    Costs a fraction of a second even for ViT-L, so jobs check their config before any work.
-    """
-    image_size = image_preprocessor(config).transforms[0].size
-    size = image_size if isinstance(image_size, int) else image_size[0]
+def meta_model(config: BackboneConfig) -> torch.nn.Module:
+    _model_config(config)
     with torch.device("meta"):
-        model = open_clip.create_model(config.model, pretrained=None, device="meta")
-        outputs = hooked_image_forward(model, torch.zeros(1, 3, size, size), hook_points, token)
-    return {name: output.shape[-1] for name, output in outputs.items()}
+        return open_clip.create_model(config.model, pretrained=None, device="meta")
 
 
-class Backbone:
-    """An open_clip model loaded by open_clip's own factory, with activations at named hook points."""
+def load_model(config: BackboneConfig, device: torch.device) -> torch.nn.Module:
+    checkpoint = _local_checkpoint(config.pretrained)
+    model, _, _ = open_clip.create_model_and_transforms(config.model, pretrained=checkpoint, device=device)
+    return model
 
-    def __init__(self, config: BackboneConfig):
-        self.config = config
-        self.device = resolve_device(config.device)
-        checkpoint = _local_checkpoint(config.pretrained)
-        model, _, _ = open_clip.create_model_and_transforms(
-            config.model, pretrained=checkpoint, device=self.device
-        )
-        self.model = model.eval()
-        self.preprocess = image_preprocessor(config)
 
-    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.preprocess(image.convert("RGB")) for image in images])
+def load_tokenizer(config: BackboneConfig):
+    return open_clip.get_tokenizer(config.model)
 
-    @torch.no_grad()
-    def activations(
-        self, pixels_bchw: torch.Tensor, hook_points: list[str], token: str = "cls"
-    ) -> dict[str, torch.Tensor]:
-        """{hook point: [B, d] float32 activations on the CPU} from one forward pass."""
-        outputs = hooked_image_forward(self.model, pixels_bchw.to(self.device), hook_points, token)
-        return {name: output.float().cpu() for name, output in outputs.items()}
+
+def _text_tower(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """(module-name prefix, module) of the text tower: the CLIP itself, or `text` in CustomTextCLIP."""
+    return ("text.", model.text) if hasattr(model, "text") else ("", model)
+
+
+def hook_points(model: torch.nn.Module) -> dict[str, str]:
+    """Each tower's block outputs, its final norm and its embedding."""
+    names = dict(model.named_modules())
+    prefix, _ = _text_tower(model)
+    points = {}
+    for tower, modality, final_norm, embedding in (
+        ("visual.", "image", "visual.ln_post", "visual"),
+        (prefix, "text", f"{prefix}ln_final", "text"),
+    ):
+        blocks = f"{tower}transformer.resblocks."
+        n_blocks = sum(1 for name in names if name.startswith(blocks) and "." not in name[len(blocks) :])
+        points |= {f"{blocks}{i}": modality for i in range(n_blocks)}
+        points |= {name: modality for name in (final_norm,) if name in names}
+        points[embedding] = modality
+    return points
+
+
+def required_inputs(hook_point: str, modality: str) -> set[str]:
+    return {"pixels"} if modality == "image" else {"texts"}
+
+
+def hook_width(model: torch.nn.Module, hook_point: str) -> int:
+    if hook_point in ("visual", "text"):  # both towers project into the one embedding space
+        return model.visual.output_dim
+    _, text_tower = _text_tower(model)
+    return (model.visual if hook_point.startswith("visual.") else text_tower).transformer.width
+
+
+def _text_positions(model: torch.nn.Module, tokens_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real_bt, cls_b) of tokenized captions: the position the model pools, as `text_global_pool`
+    picks it, and the tokens up to it (causal attention: what follows is padding)."""
+    _, tower = _text_tower(model)
+    pool_type = getattr(tower, "text_pool_type", None) or tower.pool_type
+    eos_id = getattr(tower, "text_eos_id", None) or getattr(tower, "eos_id", None)
+    n_items, n_tokens = tokens_bt.shape
+    if pool_type == "argmax":
+        cls_b = tokens_bt.argmax(dim=-1)
+    elif pool_type == "eos":
+        cls_b = (tokens_bt == eos_id).int().argmax(dim=-1)
+    else:  # first / last / none attend over the whole context: every position is input
+        cls_b = torch.full((n_items,), 0 if pool_type == "first" else n_tokens - 1)
+        return torch.ones_like(tokens_bt, dtype=torch.bool), cls_b
+    return torch.arange(n_tokens)[None] <= cls_b[:, None].cpu(), cls_b
+
+
+def _batch_first(model: torch.nn.Module, name: str, output: torch.Tensor) -> torch.Tensor:
+    """An output as [B, T, d]: towers built with batch_first=False run their blocks as [T, B, d]."""
+    if ".resblocks." not in name:
+        return output
+    transformer = model.get_submodule(name.rsplit(".resblocks.", 1)[0])
+    return output if getattr(transformer, "batch_first", True) else output.transpose(0, 1)
+
+
+def hook_outputs(backbone, hook_points: list[str], pixels, texts) -> dict[str, HookOutput]:
+    """Each requested hook's output: one forward of each tower the hooks need."""
+    model, modality = backbone.model, backbone.hook_points
+    image_hooks = [name for name in hook_points if modality[name] == "image"]
+    text_hooks = [name for name in hook_points if modality[name] == "text"]
+    outputs: dict[str, HookOutput] = {}
+    if image_hooks:
+        pixels = pixels.to(backbone.device)
+        modules = [name for name in image_hooks if name != "visual"]
+        captured, embedding_bd = run_with_hooks(model, modules, lambda: model.encode_image(pixels))
+        outputs |= {name: HookOutput(_batch_first(model, name, x)) for name, x in captured.items()}
+        outputs |= {"visual": HookOutput(embedding_bd)} if "visual" in image_hooks else {}
+    if text_hooks:
+        tokens_bt = backbone.tokenizer(texts).to(backbone.device)
+        real_bt, cls_b = _text_positions(model, tokens_bt)
+        modules = [name for name in text_hooks if name != "text"]
+        captured, embedding_bd = run_with_hooks(model, modules, lambda: model.encode_text(tokens_bt))
+        outputs |= {
+            name: HookOutput(_batch_first(model, name, x), real_bt, cls_b) for name, x in captured.items()
+        }
+        outputs |= {"text": HookOutput(embedding_bd)} if "text" in text_hooks else {}
+    return outputs

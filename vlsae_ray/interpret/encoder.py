@@ -7,7 +7,7 @@ import io
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vlsae_ray.backbones import Backbone, hook_dims
+from vlsae_ray.backbones import hook_dims, load_backbone, valid_hook_points
 from vlsae_ray.config import ServeConfig
 from vlsae_ray.sae import SparseAutoencoder
 
@@ -36,9 +36,15 @@ class ImageEncoder:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.backbone = Backbone(config.backbone)
+        d = hook_dims(config.backbone, [config.hook_point])[config.hook_point]
+        reads = valid_hook_points(config.backbone)[config.hook_point]
+        if config.token.mode not in ("cls", "mean") or reads != "image":
+            raise ValueError(
+                f"the encoder gives one vector per image: hook point {config.hook_point!r} must read images "
+                f"and token must be cls or mean (not {str(config.token)!r})"
+            )
+        self.backbone = load_backbone(config.backbone)
         self.sae = SparseAutoencoder.load(config.sae, device=self.backbone.device).eval()
-        d = hook_dims(config.backbone, [config.hook_point], config.token.mode)[config.hook_point]
         if d != self.sae.config.d_in:
             raise ValueError(
                 f"hook point {config.hook_point!r} gives d={d} but the SAE at {config.sae!r} takes "
@@ -48,10 +54,12 @@ class ImageEncoder:
     @torch.no_grad()
     def top_latents(self, images: list[Image.Image], k: int) -> list[list[tuple[int, float]]]:
         """For each image, its k largest active latents as (latent, activation), largest first."""
-        pixels = self.backbone.pixels(images)
-        x_bd = self.backbone.activations(pixels, [self.config.hook_point], self.config.token.mode)[
-            self.config.hook_point
-        ]
+        hook = self.config.hook_point
+        ids = [str(i) for i in range(len(images))]  # no random draw here: ids only label the rows
+        rows = self.backbone.activations(
+            [hook], pixels=self.backbone.pixels(images), item_ids=ids, token=self.config.token
+        )
+        x_bd = rows[hook].values
         z_bf = self.sae.encode(x_bd.to(self.backbone.device)).cpu()
         values_bk, latents_bk = z_bf.topk(min(k, z_bf.shape[1]), dim=-1)
         return [

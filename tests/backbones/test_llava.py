@@ -1,0 +1,86 @@
+"""The LLaVA backbone against the model's own hidden states, on prompts built here by hand."""
+
+import pytest
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+from vlsae_ray.backbones import hook_dims, load_backbone, required_inputs, valid_hook_points
+from vlsae_ray.config import BackboneConfig, TokenConfig
+from vlsae_ray.world.llava import IMAGE_TOKEN_ID
+
+BPE = SimpleTokenizer()  # open_clip's own tokenizer, built once
+CAPTIONS = ["a red circle", "two small blue squares to the left of a green star"]
+
+
+@pytest.fixture(scope="module")
+def backbone(llava_folder):
+    return load_backbone(BackboneConfig(library="llava", model=str(llava_folder), device="cpu"))
+
+
+@torch.no_grad()
+def test_vision_tower_hooks_equal_hidden_states(backbone, token, rows_match, images):
+    pixels = backbone.pixels(images(2))
+    hooks = [f"vision_tower.encoder.layers.{i}" for i in range(4)]
+    rows = backbone.activations(hooks, pixels=pixels, item_ids=["a", "b"], token=token)
+    hidden = backbone.model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    for i, name in enumerate(hooks):
+        rows_match(rows[name], hidden[i + 1], token)
+
+
+@torch.no_grad()
+def test_vision_feature_layer_is_block_minus_2(backbone, images):
+    """LLaVA's projector reads block n-2 without its class token: the hook at that block, all tokens."""
+    pixels = backbone.pixels(images(1))
+    hook = "vision_tower.encoder.layers.2"
+    rows = backbone.activations([hook], pixels=pixels, item_ids=["a"], token=TokenConfig(mode="all"))[hook]
+    features = backbone.model.model.get_image_features(pixel_values=pixels)
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    projected = backbone.model.model.multi_modal_projector(rows.values[1:])
+    torch.testing.assert_close(projected, torch.cat(list(features)).reshape(projected.shape))
+
+
+@torch.no_grad()
+def test_language_means_equal_hidden_states_of_each_prompt_alone(backbone, images):
+    pixels = backbone.pixels(images(2))
+    hooks = [f"language_model.layers.{i}:{part}_mean" for i in (0, 1) for part in ("image", "text")]
+    rows = backbone.activations(hooks, pixels=pixels, texts=CAPTIONS, item_ids=["a", "b"])
+    model, n_image = backbone.model.model, 64  # (64 / 8) ** 2 patches of the world CLIP
+    norm, model.language_model.norm = model.language_model.norm, torch.nn.Identity()
+    try:  # without the final norm the last hidden state is the last layer's raw output
+        for b, caption in enumerate(CAPTIONS):
+            caption_ids = BPE.encode(caption)
+            ids = torch.tensor([[49406, *[IMAGE_TOKEN_ID] * n_image, *caption_ids, 49407]])
+            out = model(input_ids=ids, pixel_values=pixels[b : b + 1], output_hidden_states=True)
+            image_t, text_t = slice(1, 1 + n_image), slice(1 + n_image, 1 + n_image + len(caption_ids))
+            for i in (0, 1):
+                h_td = out.hidden_states[i + 1][0]
+                expected = {
+                    f"language_model.layers.{i}:image_mean": h_td[image_t].mean(0),
+                    f"language_model.layers.{i}:text_mean": h_td[text_t].mean(0),
+                }
+                for name, value in expected.items():
+                    assert rows[name].token[b] == -1 and rows[name].item[b] == b
+                    torch.testing.assert_close(rows[name].values[b], value, rtol=1e-4, atol=1e-5)
+    finally:
+        model.language_model.norm = norm
+    for name in hooks:
+        assert rows[name].values.shape == (2, 64)
+
+
+def test_hook_points_dims_and_errors(backbone, images):
+    points = valid_hook_points(backbone.config)
+    assert points["vision_tower.encoder.layers.3"] == "image"
+    assert points["language_model.layers.1:image_mean"] == "image"
+    assert points["language_model.layers.1:text_mean"] == "text"
+    assert required_inputs(backbone.config, ["vision_tower.encoder.layers.0"]) == {"pixels"}
+    assert required_inputs(backbone.config, ["language_model.layers.0:image_mean"]) == {"pixels", "texts"}
+    dims = hook_dims(backbone.config, list(points))
+    assert {dims[name] for name in points if name.startswith("vision_tower.")} == {96}
+    assert {dims[name] for name in points if name.startswith("language_model.")} == {64}
+    with pytest.raises(ValueError, match=r"'language_model.layers.2:text_mean' is not in this model; valid "
+                       r"hook points: vision_tower.encoder.layers.0, .*language_model.layers.1:text_mean$"):
+        hook_dims(backbone.config, ["language_model.layers.2:text_mean"])
+    with pytest.raises(ValueError, match=r"'language_model.layers.0:text_mean' reads texts, but texts=None"):
+        backbone.activations(
+            ["language_model.layers.0:text_mean"], pixels=backbone.pixels(images(1)), item_ids=["a"]
+        )

@@ -1,0 +1,129 @@
+"""LLaVA backbones: a `LlavaForConditionalGeneration` folder made by `save_pretrained`.
+
+Hook points are module names in its `LlavaModel` (`model.model`):
+- `vision_tower.encoder.layers.{i}`: the residual stream after vision layer i ([B, tokens, d],
+  token 0 the class token). LLaVA-1.5 feeds the projector layer -2 (`vision_feature_layer=-2`),
+  i.e. `vision_tower.encoder.layers.{n_layers - 2}` without its class token.
+- `language_model.layers.{i}:image_mean` and `language_model.layers.{i}:text_mean`: the language
+  model's hidden state after layer i, averaged over the image tokens and over the caption's text
+  tokens, from one forward of the whole model on an image + caption prompt (VL-SAE, arXiv
+  2510.21323, Sec. 3.1). Both need pixels and texts, and give one row per item.
+
+The prompt is the image placeholder once per image token, a newline and the caption
+(`PROMPT`), tokenized by the tokenizer saved with the model, padded on the right so a caption's
+hidden states do not depend on the rest of its batch. Text tokens are the prompt's tokens that
+are neither image placeholders, special tokens nor padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlsae_ray.backbones.hf_clip import image_preprocessor, model_folder
+from vlsae_ray.backbones.hooks import run_with_hooks
+from vlsae_ray.backbones.rows import HookOutput
+from vlsae_ray.config import BackboneConfig
+
+__all__ = ["image_preprocessor"]  # the image processor saved with the model, as for transformers CLIP
+
+PROMPT = "{image}\n{caption}"
+IMAGE_MEAN, TEXT_MEAN = ":image_mean", ":text_mean"
+
+
+def _llava_config(config: BackboneConfig):
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_folder(config))
+    if model_config.model_type != "llava":
+        raise ValueError(
+            f"backbone.model {config.model!r} holds a {model_config.model_type!r} model, not LLaVA; "
+            "use library: transformers for a CLIPModel, or a folder saved from LlavaForConditionalGeneration"
+        )
+    return model_config
+
+
+def meta_model(config: BackboneConfig) -> torch.nn.Module:
+    from transformers import LlavaForConditionalGeneration
+
+    model_config = _llava_config(config)
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(model_config)
+
+
+def load_model(config: BackboneConfig, device: torch.device) -> torch.nn.Module:
+    from transformers import LlavaForConditionalGeneration
+
+    _llava_config(config)
+    model = LlavaForConditionalGeneration.from_pretrained(model_folder(config), local_files_only=True)
+    return model.to(device)
+
+
+def load_tokenizer(config: BackboneConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_folder(config), padding_side="right")
+
+
+def hook_points(model: torch.nn.Module) -> dict[str, str]:
+    base = model.model
+    n_vision_layers = len(base.vision_tower.encoder.layers)
+    points = {f"vision_tower.encoder.layers.{i}": "image" for i in range(n_vision_layers)}
+    for i in range(len(base.language_model.layers)):
+        layer = f"language_model.layers.{i}"
+        points |= {f"{layer}{IMAGE_MEAN}": "image", f"{layer}{TEXT_MEAN}": "text"}
+    return points
+
+
+def required_inputs(hook_point: str, modality: str) -> set[str]:
+    return {"pixels", "texts"} if hook_point.startswith("language_model.") else {"pixels"}
+
+
+def hook_width(model: torch.nn.Module, hook_point: str) -> int:
+    tower = model.config.vision_config if hook_point.startswith("vision_tower.") else model.config.text_config
+    return tower.hidden_size
+
+
+def image_token_count(model_config) -> int:
+    """Placeholders per image: one per patch, plus the class token under the 'full' strategy."""
+    vision = model_config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (model_config.vision_feature_select_strategy == "full")
+
+
+def hook_outputs(backbone, hook_points: list[str], pixels, texts) -> dict[str, HookOutput]:
+    """Each requested hook's output from one forward: the vision tower alone when only its hooks
+    are asked for, else the whole model on the prompts (its vision tower included)."""
+    base, model_config = backbone.model.model, backbone.model.config
+    modules = {name.split(":")[0] for name in hook_points}
+    module_names = sorted(f"model.{name}" for name in modules)
+    pixels = pixels.to(backbone.device, base.vision_tower.dtype)
+    if not any(name.startswith("language_model.") for name in hook_points):
+        captured, _ = run_with_hooks(backbone.model, module_names, lambda: base.vision_tower(pixels))
+        return {name: HookOutput(captured[f"model.{name}"]) for name in hook_points}
+    image = backbone.tokenizer.convert_ids_to_tokens(model_config.image_token_id)
+    prompts = [PROMPT.format(image=image * image_token_count(model_config), caption=text) for text in texts]
+    tokens = backbone.tokenizer(prompts, padding=True, return_tensors="pt").to(backbone.device)
+    captured, _ = run_with_hooks(
+        backbone.model,
+        module_names,
+        lambda: base(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels),
+    )
+    real_bt = tokens.attention_mask.bool()
+    image_bt = tokens.input_ids == model_config.image_token_id
+    special_ids = torch.tensor(backbone.tokenizer.all_special_ids, device=backbone.device)
+    special_bt = torch.isin(tokens.input_ids, special_ids)
+    masks = {IMAGE_MEAN: image_bt, TEXT_MEAN: real_bt & ~image_bt & ~special_bt}
+    outputs = {}
+    for name in hook_points:
+        module, _, reduction = name.partition(":")
+        x_btd = captured[f"model.{module}"]
+        if not reduction:
+            outputs[name] = HookOutput(x_btd)
+            continue
+        mask_bt = masks[f":{reduction}"]
+        empty = [texts[b] for b in (~mask_bt.any(dim=1)).nonzero().flatten().tolist()]
+        if empty:
+            raise ValueError(f"hook point {name!r}: no {reduction[:-5]} tokens in the prompts of {empty}")
+        mean_bd = (x_btd * mask_bt[..., None]).sum(1) / mask_bt.sum(1, keepdim=True)
+        outputs[name] = HookOutput(mean_bd)
+    return outputs
