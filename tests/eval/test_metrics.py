@@ -35,6 +35,8 @@ def test_ms_equals_naive_pairwise():
     a[:, 2] = torch.tensor([1.0, 1.0, 0.0, 3.0] * 10)  # ties
     a[:, 3] = 0.0
     a[5, 3] = 4.0  # fires on one image only: no weighted pair
+    a[:, 4] = torch.tensor([2.0, 2.0, 0.5, 2.0] * 10)  # ties at the maximum
+    a[:, 5] = torch.randn(40, generator=g)  # a raw neuron: negative values too
     e = torch.randn(40, 5, generator=g)
     ours, reference = monosemanticity_score(a, e, chunk_size=9), naive_ms(a, e)
     assert torch.equal(ours.isnan(), reference.isnan())

@@ -1,6 +1,12 @@
+"""The distributed top-k of the label job against one exact sorted pass over the whole dataset."""
+
+import pytest
 import torch
 
-from vlsae_ray.interpret import TopK
+from vlsae_ray.interpret.top_examples import TopK, merge_top_k, top_examples
+from vlsae_ray.sae import build_sae
+
+SHARD_ROWS = (50, 7, 3, 40)  # one shard shorter than k
 
 
 def test_streaming_topk_equals_full_sort():
@@ -14,3 +20,55 @@ def test_streaming_topk_equals_full_sort():
     assert torch.equal(top.values_kf, expected.values[:5])
     assert torch.equal(top.rows_kf, expected.indices[:5])
     assert top.rows_kf[:, 3].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_merge_is_independent_of_arrival_order():
+    values = torch.tensor([[1.0], [2.0], [2.0], [1.0]])
+    rows = torch.tensor([[9], [7], [3], [1]])
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        top_values, top_rows = merge_top_k(values[order], rows[order], 3)
+        assert top_values.flatten().tolist() == [2.0, 2.0, 1.0]
+        assert top_rows.flatten().tolist() == [3, 7, 1]
+
+
+def dyadic(shape, generator, scale):
+    """Random multiples of 1/scale in [-1, 1]: their products and short sums are exact in fp32, so
+    the SAE's latents do not depend on how rows are batched."""
+    return torch.randint(-scale, scale + 1, shape, generator=generator).float() / scale
+
+
+@pytest.fixture
+def tied_dataset(store_root, write_dataset):
+    g = torch.Generator().manual_seed(0)
+    d, n_latents, never = 6, 40, [5, 17, 33]
+    sae = build_sae({"architecture": "topk", "d_in": d, "n_latents": n_latents, "k": 3})
+    with torch.no_grad():
+        sae.W_enc_fd.copy_(dyadic((n_latents, d), g, 64))
+        sae.W_enc_fd[never] = 0  # these latents' pre-activation is -1 on every row: they never fire
+        sae.b_enc_f.zero_()
+        sae.b_enc_f[never] = -1
+    sae.save(f"{store_root}/sae")
+    x_nd = dyadic((sum(SHARD_ROWS), d), g, 8)
+    x_nd[60:70] = x_nd[0:10]  # the same rows again in other shards: ties across shards
+    x_nd[90:97] = x_nd[52:59]
+    ids = [f"item-{i}" for i in range(x_nd.shape[0])]
+    dataset = write_dataset(f"{store_root}/activations", x_nd, ids, SHARD_ROWS)
+    with torch.no_grad():
+        z_nf = sae.encode(x_nd)
+    return dataset, f"{store_root}/sae", z_nf, never
+
+
+def test_distributed_top_k_equals_single_process_exact_top_k(ray_cluster, tied_dataset):
+    dataset, sae, z_nf, never = tied_dataset
+    expected = torch.sort(z_nf, dim=0, descending=True, stable=True)
+    top = top_examples(dataset, sae, k=5, batch_size=16)
+    assert torch.equal(top.values_kf, expected.values[:5])
+    assert torch.equal(top.rows_kf, expected.indices[:5])
+    assert torch.equal(top.firing_count_f, (z_nf > 0).sum(0))
+    assert top.source_ids == {row: f"item-{row}" for row in expected.indices[:5].unique().tolist()}
+    assert top.rows == z_nf.shape[0]
+    # the case is as hard as intended: cross-shard ties decide some top-5 sets, some latents never fire
+    kth_f = expected.values[4]
+    tied_at_kth = [j for j in range(z_nf.shape[1]) if kth_f[j] > 0 and (z_nf[:, j] == kth_f[j]).sum() > 1]
+    assert tied_at_kth and (top.firing_count_f[never] == 0).all()
+    assert top.rows_kf[:, never].tolist() == [[i] * 3 for i in range(5)]

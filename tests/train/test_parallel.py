@@ -5,6 +5,7 @@ on the full SAE in this process, on the same global batches.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def run_ranks(tmp_path, world, latent_shards, spec, x):
         subprocess.Popen(
             [sys.executable, str(WORKER), str(world), str(rank), str(latent_shards),
              str(tmp_path / "pg"), str(tmp_path / "out"), json.dumps(spec)],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "LOCAL_RANK": str(rank)},
         )
         for rank in range(world)
     ]
@@ -48,17 +49,23 @@ def reference(x, spec):
 
 
 @pytest.mark.parametrize(
-    ("architecture", "world", "latent_shards", "dead"),
+    ("architecture", "world", "latent_shards", "dead", "zero_stage"),
     [
-        ("topk", 2, 2, 64),  # 2 shards; latents die after one batch, so AuxK runs across shards
-        ("batchtopk", 2, 2, 64),
-        ("topk", 4, 4, 64),
-        ("topk", 4, 2, 10**9),  # 2 data-parallel x 2 latent shards (no AuxK: its loss is not a mean)
+        ("topk", 2, 2, 64, None),  # 2 shards; latents die after one batch, so AuxK runs across shards
+        ("batchtopk", 2, 2, 64, None),
+        ("topk", 4, 4, 64, None),
+        # data parallel: no AuxK, whose loss is not a mean over the batch
+        ("topk", 4, 2, 10**9, None),  # 2 data-parallel x 2 latent shards, DDP
+        ("topk", 2, 1, 10**9, 1),  # DeepSpeed ZeRO-1 over 2 workers
+        ("topk", 2, 1, 10**9, 2),  # ZeRO-2
     ],
 )
-def test_sharded_training_matches_one_process(tmp_path, architecture, world, latent_shards, dead):
+def test_distributed_training_matches_one_process(
+    tmp_path, architecture, world, latent_shards, dead, zero_stage
+):
     x = 2.0 * torch.randn(STEPS * BATCH, SAE["d_in"], generator=torch.Generator().manual_seed(1)) + 1.0
-    spec = {"sae": {"architecture": architecture, **SAE}, "steps": STEPS, "batch": BATCH, "dead": dead}
+    spec = {"sae": {"architecture": architecture, **SAE}, "steps": STEPS, "batch": BATCH, "dead": dead,
+            "zero_stage": zero_stage}
     expected_metrics, expected_state, expected_z = reference(x, spec)
     results = run_ranks(tmp_path, world, latent_shards, spec, x)
     if world == latent_shards:

@@ -58,9 +58,9 @@ def assert_same_sae(a: SparseAutoencoder, b: SparseAutoencoder):
         torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
 
-def test_latent_sharded_run_equals_one_process(ray_cluster, store_root):
-    root = activations(storage.join(store_root, "acts"))
-    config = train_config(root, storage.join(store_root, "sae"), num_workers=2, latent_shards=2)
+def test_latent_sharded_run_equals_one_process(ray_cluster, s3_root):
+    root = activations(storage.join(s3_root, "acts"))  # read from and written to the S3 server
+    config = train_config(root, storage.join(s3_root, "sae"), num_workers=2, latent_shards=2)
     summary = run_train(config)
 
     # The reference: one process on the full SAE whose halves are the shards' initial weights.

@@ -1,7 +1,12 @@
-"""The evaluate job: FVU, L0, dead latents and the Monosemanticity Score of a trained SAE.
+"""The evaluate job: how good and how interpretable a trained SAE is, written up as a report.
 
-Streams the activation dataset shard by shard (and the embedding dataset beside it, row for
-row), so memory holds one shard and the per-latent statistics, never the whole dataset.
+Two Ray Data map-reduce passes over the activation dataset (and the embedding dataset beside it,
+row for row; `dataset_pass`) give FVU, L0 and dead latents of every checkpoint, the
+Monosemanticity Score of the SAE's latents and of the layer's raw neurons, and each latent's top
+images. From those: uniqueness (`uniqueness`), for a VL-SAE the intra- and inter-concept
+image/text similarity (`concept_similarity`, with a third pass over the text-side dataset), and,
+when configured, zero-shot accuracy with the SAE spliced into the backbone (`downstream`). The
+report (report.md, its PNG plots, monosemanticity.json, run.json) goes to `output` via `storage`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,22 @@ from pydantic import BaseModel
 from vlsae_ray import storage
 from vlsae_ray.activations import store
 from vlsae_ray.config import EvaluateConfig
-from vlsae_ray.eval.metrics import ReconstructionStats
-from vlsae_ray.eval.monosemanticity import MonosemanticityAccumulator
+from vlsae_ray.eval import plots
+from vlsae_ray.eval.concept_similarity import concept_similarity
+from vlsae_ray.eval.dataset_pass import FirstPass, PassPlan, first_pass, load_sae, ms_pass
+from vlsae_ray.eval.downstream import splice_token, zero_shot_with_sae
+from vlsae_ray.eval.uniqueness import top_set_overlap
 from vlsae_ray.provenance import write_run_info
-from vlsae_ray.sae import SparseAutoencoder
+from vlsae_ray.sae import MatryoshkaConfig, VLSAEConfig
+
+SCORES_FILE = "monosemanticity.json"
+
+
+class CheckpointResult(BaseModel):
+    sae: str
+    fvu: float
+    l0: float
+    dead_fraction: float
 
 
 class EvaluateSummary(BaseModel):
@@ -31,26 +48,15 @@ class EvaluateSummary(BaseModel):
     scores: str | None = None  # URI of the per-latent and per-neuron MS (monosemanticity.json)
     ms_latents_median: float | None = None
     ms_neurons_median: float | None = None
-
-
-def _paired_shards(config: EvaluateConfig):
-    """(activations, embeddings or None) per shard, checking both datasets cover the same rows."""
-    activations = store.read_manifest(config.activations)
-    embeddings = store.read_manifest(config.embeddings) if config.embeddings else None
-    if embeddings is not None and [s.rows for s in embeddings.shards] != [s.rows for s in activations.shards]:
-        raise ValueError(
-            f"embeddings {config.embeddings!r} and activations {config.activations!r} have different shards; "
-            "extract both from the same job (one run with both hook points)"
-        )
-    for i, record in enumerate(activations.shards):
-        x, ids, _ = store.read_shard(config.activations, record)
-        if embeddings is None:
-            yield x.float(), None
-            continue
-        e, embedding_ids, _ = store.read_shard(config.embeddings, embeddings.shards[i])
-        if embedding_ids != ids:
-            raise ValueError(f"shard {record.index} of the embeddings holds other items than the activations")
-        yield x.float(), e.float()
+    uniqueness: float | None = None
+    mean_max_jaccard: float | None = None
+    duplicate_fraction: float | None = None
+    checkpoints: list[CheckpointResult] = []
+    prefix_fvu: list[float] | None = None  # Matryoshka: FVU of each nested prefix
+    zero_shot: dict[str, dict[str, float]] | None = None  # {"without" | "with_sae": {attribute: acc}}
+    concept_similarity: dict[str, float] | None = None  # VL-SAE
+    notes: list[str] = []  # what was skipped, and why
+    plots: dict[str, str] = {}  # name -> URI of the PNG
 
 
 def _median(scores: torch.Tensor) -> float | None:
@@ -58,77 +64,211 @@ def _median(scores: torch.Tensor) -> float | None:
     return float(finite.median()) if finite.numel() else None
 
 
+def _nan_to_none(scores: torch.Tensor) -> list[float | None]:
+    return [None if math.isnan(value) else value for value in scores.tolist()]
+
+
+def _check_checkpoints(config: EvaluateConfig, d: int) -> None:
+    for uri in [config.sae, *config.checkpoints]:
+        sae = load_sae(uri)
+        if sae.config.d_in != d:
+            raise ValueError(
+                f"SAE {uri!r} takes d_in={sae.config.d_in} but {config.activations!r} has d={d}: "
+                "evaluate an SAE on the activations of the layer it was trained on"
+            )
+
+
 @torch.no_grad()
 def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
     storage.check_writable(config.output)
-    sae = SparseAutoencoder.load(config.sae).eval()
     manifest = store.read_manifest(config.activations)
-    if manifest.d != sae.config.d_in:
-        raise ValueError(
-            f"SAE {config.sae!r} takes d_in={sae.config.d_in} but {config.activations!r} has d={manifest.d}"
-        )
-    stats = ReconstructionStats(manifest.d, sae.config.n_latents)
-    ms_latents = ms_neurons = None
-    for x_nd, e_nd in _paired_shards(config):
-        for start in range(0, x_nd.shape[0], config.batch_size):
-            x_bd = x_nd[start : start + config.batch_size]
-            x_hat_bd, z_bf, _ = sae(x_bd)
-            stats.update(x_bd, x_hat_bd, z_bf)
-            if e_nd is not None:
-                if ms_latents is None:
-                    ms_latents = MonosemanticityAccumulator(sae.config.n_latents, e_nd.shape[1])
-                    ms_neurons = MonosemanticityAccumulator(manifest.d, e_nd.shape[1])
-                ms_latents.observe(z_bf)
-                ms_neurons.observe(x_bd)
-    if ms_latents is not None:  # the second pass of the MS: min and max are known now
-        for x_nd, e_nd in _paired_shards(config):
-            for start in range(0, x_nd.shape[0], config.batch_size):
-                x_bd, e_bd = x_nd[start : start + config.batch_size], e_nd[start : start + config.batch_size]
-                ms_latents.accumulate(sae.encode(x_bd), e_bd)
-                ms_neurons.accumulate(x_bd, e_bd)
+    _check_checkpoints(config, manifest.d)
+    sae = load_sae(config.sae)
+    is_vlsae = isinstance(sae.config, VLSAEConfig)
+    plan = PassPlan(
+        activations=config.activations,
+        embeddings=config.embeddings,
+        sae=config.sae,
+        checkpoints=tuple(config.checkpoints),
+        top_k=config.top_k,
+        keep_vectors=is_vlsae and config.text_activations is not None,
+        batch_size=config.batch_size,
+        shards_per_task=config.shards_per_task,
+        cpus_per_task=config.cpus_per_task,
+    )
+    first = first_pass(plan)
+    stats = first.stats[config.sae]
     summary = EvaluateSummary(
         report=storage.join(config.output, "report.md"),
-        rows=stats.rows,
+        rows=first.rows,
         n_latents=sae.config.n_latents,
         fvu=stats.fvu(),
         l0=stats.l0(),
         dead_fraction=stats.dead_fraction(),
+        checkpoints=[
+            CheckpointResult(sae=uri, fvu=s.fvu(), l0=s.l0(), dead_fraction=s.dead_fraction())
+            for uri, s in first.stats.items()
+        ],
     )
-    if ms_latents is not None:
-        latent_scores, neuron_scores = ms_latents.score(), ms_neurons.score()
-        summary.ms_latents_median = _median(latent_scores)
-        summary.ms_neurons_median = _median(neuron_scores)
-        summary.scores = storage.join(config.output, "monosemanticity.json")
-        storage.write_text(
-            summary.scores,
-            json.dumps({"latents": _nan_to_none(latent_scores), "neurons": _nan_to_none(neuron_scores)}),
+    overlap = top_set_overlap(first.top.sets())
+    if overlap["latents"]:
+        summary.uniqueness = overlap["uniqueness"]
+        summary.mean_max_jaccard = overlap["mean_max_jaccard"]
+        summary.duplicate_fraction = overlap["duplicate_fraction"]
+    if isinstance(sae.config, MatryoshkaConfig):
+        summary.prefix_fvu = stats.prefix_fvu()
+
+    ms_latents = None
+    if config.embeddings:
+        ms_neurons, ms_latents = ms_pass(plan, first)
+        summary.ms_latents_median, summary.ms_neurons_median = _median(ms_latents), _median(ms_neurons)
+        summary.scores = storage.join(config.output, SCORES_FILE)
+        scores = {"latents": _nan_to_none(ms_latents), "neurons": _nan_to_none(ms_neurons)}
+        storage.write_text(summary.scores, json.dumps(scores))
+        _write_plot(
+            summary, config, "ms_histogram", plots.ms_histogram(ms_latents.numpy(), ms_neurons.numpy())
         )
+    else:
+        summary.notes.append("MS skipped: no `embeddings` dataset configured")
+
+    if is_vlsae and config.text_activations:
+        summary.concept_similarity = _vlsae_similarity(config, first)
+    elif is_vlsae:
+        summary.notes.append("VL-SAE concept similarity skipped: no `text_activations` configured")
+
+    if config.zero_shot is not None:
+        hook_point = config.zero_shot.hook_point or manifest.hook_point
+        token = splice_token(manifest.token)
+        summary.zero_shot = zero_shot_with_sae(config.zero_shot, hook_point, lambda x: sae(x)[0], token)
+    else:
+        summary.notes.append("zero-shot skipped: no `zero_shot` task configured")
+
+    points = [(c.sae.rstrip("/").rsplit("/", 1)[-1], c.l0, c.fvu) for c in summary.checkpoints]
+    _write_plot(summary, config, "fvu_vs_l0", plots.fvu_vs_l0(points))
+    if summary.prefix_fvu is not None:
+        ends = sae.config.group_ends
+        _write_plot(summary, config, "matryoshka_groups", plots.matryoshka_groups(ends, summary.prefix_fvu))
+    if ms_latents is not None and config.grid_latents:
+        _top_image_grid(summary, config, first, ms_latents)
+
     storage.write_text(summary.report, _markdown(config, summary))
     write_run_info(config.output, "evaluate", config, **summary.model_dump())
     return summary
 
 
-def _nan_to_none(scores: torch.Tensor) -> list[float | None]:
-    return [None if math.isnan(value) else value for value in scores.tolist()]
+def _write_plot(summary: EvaluateSummary, config: EvaluateConfig, name: str, png: bytes) -> None:
+    uri = storage.join(config.output, f"{name}.png")
+    storage.write_bytes(uri, png)
+    summary.plots[name] = uri
+
+
+def _vlsae_similarity(config: EvaluateConfig, first: FirstPass) -> dict[str, float]:
+    """A pass over the text-side dataset for each concept's top captions, then the similarities."""
+    text_plan = PassPlan(
+        activations=config.text_activations,
+        sae=config.sae,
+        top_k=config.top_k,
+        keep_vectors=True,
+        batch_size=config.batch_size,
+        shards_per_task=config.shards_per_task,
+        cpus_per_task=config.cpus_per_task,
+    )
+    text = first_pass(text_plan)
+
+    def vectors(top) -> list[torch.Tensor]:
+        return [
+            torch.stack([top.vectors[row] for row in rows]) if rows else torch.zeros(0, 1)
+            for rows in top.sets()
+        ]
+
+    return concept_similarity(vectors(first.top), vectors(text.top))
+
+
+def _top_image_grid(summary: EvaluateSummary, config: EvaluateConfig, first: FirstPass, ms_f) -> None:
+    from vlsae_ray.activations.sources import load_image
+
+    sets = first.top.sets()
+    ranked = sorted(
+        (j for j in range(len(sets)) if len(sets[j]) >= 2 and not math.isnan(ms_f[j])), key=lambda j: -ms_f[j]
+    )[: config.grid_latents]
+    if not ranked:
+        summary.notes.append("top-image grid skipped: no latent with an MS fires on two images or more")
+        return
+    try:
+        rows = [
+            (
+                f"latent {j}\nMS {float(ms_f[j]):.2f}",
+                [load_image(first.top.source_ids[row]) for row in sets[j]],
+            )
+            for j in ranked
+        ]
+    except (KeyError, ValueError) as error:
+        summary.notes.append(
+            f"top-image grid skipped: the source's images cannot be rebuilt from ids ({error})"
+        )
+        return
+    _write_plot(summary, config, "top_images", plots.top_image_grid(rows, config.top_k))
+
+
+def _show(value: float | None, digits: int = 4) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    )
 
 
 def _markdown(config: EvaluateConfig, summary: EvaluateSummary) -> str:
-    def show(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
-    return "\n".join(
-        [
-            f"# SAE evaluation: {config.sae}",
+    lines = [
+        f"# SAE evaluation: {config.sae}",
+        "",
+        f"Activations: `{config.activations}` ({summary.rows} rows); embeddings: `{config.embeddings}`.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| FVU | {summary.fvu:.4f} |",
+        f"| L0 | {summary.l0:.2f} |",
+        f"| dead latents | {summary.dead_fraction:.1%} of {summary.n_latents} |",
+        f"| median MS, SAE latents | {_show(summary.ms_latents_median)} |",
+        f"| median MS, raw neurons | {_show(summary.ms_neurons_median)} |",
+        f"| uniqueness (1 - mean max Jaccard of top-{config.top_k} sets) | {_show(summary.uniqueness)} |",
+        f"| latents whose top set duplicates another's | {_show(summary.duplicate_fraction)} |",
+        "",
+    ]
+    if "ms_histogram" in summary.plots:
+        lines += ["## Monosemanticity Score", "", "![MS histogram](ms_histogram.png)", ""]
+    lines += ["## Checkpoints", "", "| SAE | FVU | L0 | dead |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| `{c.sae}` | {c.fvu:.4f} | {c.l0:.2f} | {c.dead_fraction:.1%} |" for c in summary.checkpoints
+    ]
+    lines += ["", "![FVU vs L0](fvu_vs_l0.png)", ""]
+    if summary.prefix_fvu is not None:
+        lines += ["## Matryoshka groups", "", "FVU of each nested prefix: "]
+        lines += [
+            ", ".join(f"{value:.4f}" for value in summary.prefix_fvu),
             "",
-            f"Activations: `{config.activations}` ({summary.rows} rows); embeddings: `{config.embeddings}`.",
-            "",
-            "| metric | value |",
-            "| --- | --- |",
-            f"| FVU | {summary.fvu:.4f} |",
-            f"| L0 | {summary.l0:.2f} |",
-            f"| dead latents | {summary.dead_fraction:.1%} of {summary.n_latents} |",
-            f"| median MS, SAE latents | {show(summary.ms_latents_median)} |",
-            f"| median MS, raw neurons | {show(summary.ms_neurons_median)} |",
+            "![groups](matryoshka_groups.png)",
             "",
         ]
-    )
+    if summary.zero_shot is not None:
+        lines += [
+            "## Zero-shot with the SAE spliced in",
+            "",
+            "| attribute | without | with SAE |",
+            "| --- | --- | --- |",
+        ]
+        for attribute, accuracy in summary.zero_shot["without"].items():
+            lines.append(f"| {attribute} | {accuracy:.3f} | {summary.zero_shot['with_sae'][attribute]:.3f} |")
+        lines.append("")
+    if summary.concept_similarity is not None:
+        lines += [
+            "## VL-SAE concepts: intra- and inter-concept similarity",
+            "",
+            "| quantity | value |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {key} | {_show(float(value))} |" for key, value in summary.concept_similarity.items()]
+        lines.append("")
+    if "top_images" in summary.plots:
+        lines += ["## Top images of the highest-MS latents", "", "![top images](top_images.png)", ""]
+    if summary.notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in summary.notes], ""]
+    return "\n".join(lines)

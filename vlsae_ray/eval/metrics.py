@@ -22,15 +22,17 @@ def l0(z_bf: torch.Tensor) -> float:
 
 
 class ReconstructionStats:
-    """FVU, L0 and dead latents over a stream of (x, x_hat, z) batches."""
+    """FVU, L0 and dead latents over a stream of (x, x_hat, z) batches; `merge` adds another's."""
 
-    def __init__(self, d: int, n_latents: int):
+    def __init__(self, d: int, n_latents: int, n_prefixes: int = 0):
         self.rows = 0
         self.sum_d = torch.zeros(d, dtype=torch.float64)
         self.sum_squared_norm = 0.0
         self.sum_squared_error = 0.0
         self.active = 0
         self.fired_f = torch.zeros(n_latents, dtype=torch.bool)
+        # Matryoshka: squared error of each nested prefix's own reconstruction
+        self.prefix_squared_error_g = torch.zeros(n_prefixes, dtype=torch.float64)
 
     def update(self, x_bd: torch.Tensor, x_hat_bd: torch.Tensor, z_bf: torch.Tensor) -> None:
         x_bd = x_bd.double()
@@ -41,10 +43,29 @@ class ReconstructionStats:
         self.active += int((z_bf != 0).sum())
         self.fired_f |= (z_bf != 0).any(0).cpu()
 
-    def fvu(self) -> float:
+    def update_prefixes(self, x_bd: torch.Tensor, x_hat_prefixes_gbd: list[torch.Tensor]) -> None:
+        for g, x_hat_bd in enumerate(x_hat_prefixes_gbd):
+            self.prefix_squared_error_g[g] += float((x_bd.double() - x_hat_bd.double()).pow(2).sum())
+
+    def merge(self, other: ReconstructionStats) -> None:
+        self.rows += other.rows
+        self.sum_d += other.sum_d
+        self.sum_squared_norm += other.sum_squared_norm
+        self.sum_squared_error += other.sum_squared_error
+        self.active += other.active
+        self.fired_f |= other.fired_f
+        self.prefix_squared_error_g += other.prefix_squared_error_g
+
+    def _variance(self) -> float:
         # sum ||x - mean||^2 = sum ||x||^2 - N ||mean||^2
-        variance = self.sum_squared_norm - float(self.sum_d.pow(2).sum()) / self.rows
-        return self.sum_squared_error / variance
+        return self.sum_squared_norm - float(self.sum_d.pow(2).sum()) / self.rows
+
+    def fvu(self) -> float:
+        return self.sum_squared_error / self._variance()
+
+    def prefix_fvu(self) -> list[float]:
+        """FVU of each nested prefix's reconstruction (Matryoshka groups 1, 1-2, ..., all)."""
+        return (self.prefix_squared_error_g / self._variance()).tolist()
 
     def l0(self) -> float:
         return self.active / self.rows

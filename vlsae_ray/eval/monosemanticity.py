@@ -25,7 +25,8 @@ class MonosemanticityAccumulator:
     """The two-pass streaming form: `observe` every chunk (min/max), then `accumulate` every chunk.
 
     Chunks are ([n, F] activations, [n, D] embeddings) over the same images in any order; the
-    result does not depend on how the images are chunked.
+    result does not depend on how the images are chunked. For a distributed pass, each task
+    fills its own accumulator and the reduce `merge`s them (`vlsae_ray.eval.dataset_pass`).
     """
 
     def __init__(self, n_neurons: int, embedding_dim: int):
@@ -39,6 +40,27 @@ class MonosemanticityAccumulator:
         a_nf = activations_nf.double()
         self.min_f = torch.minimum(self.min_f, a_nf.min(0).values)
         self.max_f = torch.maximum(self.max_f, a_nf.max(0).values)
+
+    @classmethod
+    def from_bounds(
+        cls, min_f: torch.Tensor, max_f: torch.Tensor, embedding_dim: int
+    ) -> MonosemanticityAccumulator:
+        """An accumulator whose first pass is done elsewhere (a map task of the sums pass)."""
+        accumulator = cls(min_f.shape[0], embedding_dim)
+        accumulator.min_f, accumulator.max_f = min_f.double().clone(), max_f.double().clone()
+        return accumulator
+
+    def merge(self, other: MonosemanticityAccumulator) -> None:
+        """Add another chunk's partial state: min/max of the first pass, sums of the second.
+
+        The reduce step of the map-reduce: any split of the images into chunks, merged in any
+        order, gives the same state as one accumulator over all of them.
+        """
+        self.min_f = torch.minimum(self.min_f, other.min_f)
+        self.max_f = torch.maximum(self.max_f, other.max_f)
+        self.weighted_fe += other.weighted_fe
+        self.sum_f += other.sum_f
+        self.sum_squares_f += other.sum_squares_f
 
     def accumulate(self, activations_nf: torch.Tensor, embeddings_nd: torch.Tensor) -> None:
         span_f = self.max_f - self.min_f

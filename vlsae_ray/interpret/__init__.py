@@ -1,5 +1,7 @@
-"""Interpretation: top-activating examples of each latent."""
+"""Interpretation: each latent's top-activating examples, its name, and the concept catalog."""
 
-from vlsae_ray.interpret.top_examples import TopK, run_label
+from vlsae_ray.interpret.catalog import read_catalog
+from vlsae_ray.interpret.label import run_label
+from vlsae_ray.interpret.top_examples import TopK, top_examples
 
-__all__ = ["TopK", "run_label"]
+__all__ = ["TopK", "read_catalog", "run_label", "top_examples"]

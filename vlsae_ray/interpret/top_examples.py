@@ -1,28 +1,44 @@
-"""The label job: each latent's top-activating examples, exact, in one streaming pass.
+"""Each latent's exact top-k activating rows of an activation dataset, as a Ray Data map-merge.
 
-For every latent we keep the k largest activations seen so far and the rows they came from;
-merging a batch is a top-k over (kept, batch), so the result is the exact top-k over the whole
-dataset whatever the batch order (ties broken towards the earlier row).
+Map (one Ray task per shard): encode the shard with the SAE, keep each latent's k largest
+activations with their global row ids (the row's position in the dataset: shards in manifest
+order, rows in shard order), and count how often each latent fires. Merge (in the driver, as the
+shard results arrive): the top-k of the union of kept and new candidates. Ties go to the smaller
+global row id at every step, so the result equals one sorted pass over the whole dataset
+whatever the shard order, the arrival order or the batch size.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import NamedTuple
 
+import numpy as np
 import torch
-from pydantic import BaseModel
 
 from vlsae_ray import storage
 from vlsae_ray.activations import store
-from vlsae_ray.config import LabelConfig
-from vlsae_ray.provenance import write_run_info
 from vlsae_ray.sae import SparseAutoencoder
+from vlsae_ray.sae.base import WEIGHTS_FILE
 
-LABELS_FILE = "top_examples.json"
+# the row id of padding in a shard with fewer than k rows: its -inf value never wins
+_NO_ROW = torch.iinfo(torch.long).max
+
+
+def merge_top_k(values_mf: torch.Tensor, rows_mf: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values per column of candidates [m, F] and their rows; ties to the smaller row."""
+    by_row = rows_mf.argsort(dim=0, stable=True)
+    values_mf, rows_mf = values_mf.gather(0, by_row), rows_mf.gather(0, by_row)
+    order = torch.sort(values_mf, dim=0, descending=True, stable=True).indices[:k]
+    return values_mf.gather(0, order), rows_mf.gather(0, order)
 
 
 class TopK:
-    """Running exact top-k per column of a stream of [n, F] matrices, with global row indices."""
+    """Running exact top-k per column of a stream of [n, F] matrices, with global row indices.
+
+    `update` takes the next rows of the stream, or any rows with `first_row` saying where they start.
+    """
 
     def __init__(self, k: int, n_columns: int):
         self.k = k
@@ -30,53 +46,109 @@ class TopK:
         self.rows_kf = torch.zeros((0, n_columns), dtype=torch.long)
         self.seen = 0
 
-    def update(self, values_nf: torch.Tensor) -> None:
-        rows_nf = torch.arange(self.seen, self.seen + values_nf.shape[0]).unsqueeze(1).expand_as(values_nf)
-        self.seen += values_nf.shape[0]
-        values = torch.cat([self.values_kf, values_nf.float()])
-        rows = torch.cat([self.rows_kf, rows_nf])
-        # stable sort so equal values keep the earlier row first
-        order = torch.sort(values, dim=0, descending=True, stable=True).indices[: self.k]
-        self.values_kf = values.gather(0, order)
-        self.rows_kf = rows.gather(0, order)
+    def update(self, values_nf: torch.Tensor, first_row: int | None = None) -> None:
+        first_row = self.seen if first_row is None else first_row
+        rows_nf = torch.arange(first_row, first_row + values_nf.shape[0]).unsqueeze(1).expand_as(values_nf)
+        self.seen = max(self.seen, first_row + values_nf.shape[0])
+        self.merge(values_nf.float(), rows_nf)
+
+    def merge(self, values_mf: torch.Tensor, rows_mf: torch.Tensor) -> None:
+        """Fold in candidates [m, F] with their global rows (another TopK's result, say)."""
+        self.values_kf, self.rows_kf = merge_top_k(
+            torch.cat([self.values_kf, values_mf]), torch.cat([self.rows_kf, rows_mf]), self.k
+        )
 
 
-class LabelSummary(BaseModel):
-    labels: str
-    rows: int
-    n_latents: int
-    latents_with_examples: int
+class TopExamples(NamedTuple):
+    values_kf: torch.Tensor  # [k, F] activations, largest first (k = min(top_k, rows))
+    rows_kf: torch.Tensor  # [k, F] their global rows in the dataset
+    source_ids: dict[int, str]  # global row -> source id, for every row in rows_kf
+    firing_count_f: torch.Tensor  # [F] rows on which each latent is positive
+    rows: int  # rows in the dataset
+
+
+def shard_offsets(manifest: store.Manifest) -> list[int]:
+    """The global row id of each shard's first row (shards in manifest order)."""
+    return np.concatenate([[0], np.cumsum([shard.rows for shard in manifest.shards])[:-1]]).tolist()
+
+
+def shard_dataset(dataset: str):
+    """A Ray Data dataset with one row per committed shard: its record (JSON) and first global row."""
+    import ray
+
+    manifest = store.read_manifest(dataset)
+    if not manifest.shards:
+        raise ValueError(f"activation dataset {dataset!r} has no committed shards")
+    items = [
+        {"record": record.model_dump_json(), "offset": offset}
+        for record, offset in zip(manifest.shards, shard_offsets(manifest), strict=True)
+    ]
+    return ray.data.from_items(items, override_num_blocks=len(items))
+
+
+@functools.cache
+def _cached_sae(uri: str, version: str) -> SparseAutoencoder:  # version: a changed SAE is reloaded
+    return SparseAutoencoder.load(uri).eval()
+
+
+def load_sae(uri: str) -> SparseAutoencoder:
+    """The SAE at `uri`, loaded once per process (Ray reuses worker processes across tasks)."""
+    return _cached_sae(uri, storage.version(storage.join(uri, WEIGHTS_FILE)))
 
 
 @torch.no_grad()
-def run_label(config: LabelConfig) -> LabelSummary:
-    storage.check_writable(config.output)
-    sae = SparseAutoencoder.load(config.sae).eval()
-    top = TopK(config.top_k, sae.config.n_latents)
-    source_ids: list[str] = []
-    for x_nd, ids, _ in store.iter_shards(config.activations):
-        source_ids.extend(ids)
-        for start in range(0, x_nd.shape[0], config.batch_size):
-            top.update(sae.encode(x_nd[start : start + config.batch_size].float()))
-    latents = {}
-    for latent in range(sae.config.n_latents):
-        examples = [
-            {"source_id": source_ids[row], "activation": value}
-            for value, row in zip(
-                top.values_kf[:, latent].tolist(), top.rows_kf[:, latent].tolist(), strict=True
-            )
-            if value > 0  # a latent that never fires has no top examples
-        ]
-        latents[str(latent)] = examples
-    uri = storage.join(config.output, LABELS_FILE)
-    storage.write_text(
-        uri, json.dumps({"sae": config.sae, "activations": config.activations, "latents": latents})
+def _shard_top_k(batch: dict, dataset: str, sae_uri: str, k: int, batch_size: int) -> dict:
+    """The map step: one shard's top-k per latent, its firing counts and the source ids of its top rows."""
+    sae = load_sae(sae_uri)
+    record = store.ShardRecord.model_validate_json(str(batch["record"][0]))
+    offset = int(batch["offset"][0])
+    x_nd, source_ids, _ = store.read_shard(dataset, record)
+    top = TopK(k, sae.config.n_latents)
+    firing_f = torch.zeros(sae.config.n_latents, dtype=torch.long)
+    for start in range(0, x_nd.shape[0], batch_size):
+        z_bf = sae.encode(x_nd[start : start + batch_size].float())
+        top.update(z_bf, first_row=offset + start)
+        firing_f += (z_bf > 0).sum(0)
+    missing = k - top.values_kf.shape[0]  # fewer rows than k: pad, so every shard's result is [k, F]
+    values_kf = torch.cat([top.values_kf, torch.full((missing, top.values_kf.shape[1]), float("-inf"))])
+    rows_kf = torch.cat([top.rows_kf, torch.full((missing, top.rows_kf.shape[1]), _NO_ROW)])
+    kept = top.rows_kf.unique().tolist()
+    return {
+        "values_kf": values_kf[None].numpy(),
+        "rows_kf": rows_kf[None].numpy(),
+        "firing_f": firing_f[None].numpy(),
+        "source_ids": np.array([json.dumps({row: source_ids[row - offset] for row in kept})]),
+    }
+
+
+def top_examples(dataset: str, sae_uri: str, k: int, batch_size: int = 1024) -> TopExamples:
+    """Each latent's exact top-k rows of `dataset` under the SAE at `sae_uri`, on the Ray cluster."""
+    sae = load_sae(sae_uri)
+    manifest = store.read_manifest(dataset)
+    if manifest.d != sae.config.d_in:
+        raise ValueError(
+            f"SAE {sae_uri!r} takes d_in={sae.config.d_in} but {dataset!r} has d={manifest.d}; "
+            "label the dataset the SAE was trained on"
+        )
+    n_latents = sae.config.n_latents
+    top = TopK(k, n_latents)
+    firing_f = torch.zeros(n_latents, dtype=torch.long)
+    source_ids: dict[int, str] = {}
+    shards = shard_dataset(dataset).map_batches(
+        _shard_top_k,
+        fn_kwargs={"dataset": dataset, "sae_uri": sae_uri, "k": k, "batch_size": batch_size},
+        batch_size=1,
     )
-    summary = LabelSummary(
-        labels=uri,
-        rows=len(source_ids),
-        n_latents=sae.config.n_latents,
-        latents_with_examples=sum(bool(examples) for examples in latents.values()),
+    for result in shards.iter_rows():
+        top.merge(torch.tensor(result["values_kf"]), torch.tensor(result["rows_kf"]))
+        firing_f += torch.tensor(result["firing_f"])
+        source_ids.update({int(row): name for row, name in json.loads(str(result["source_ids"])).items()})
+    kept = min(k, manifest.rows)
+    rows_kf = top.rows_kf[:kept]
+    return TopExamples(
+        values_kf=top.values_kf[:kept],
+        rows_kf=rows_kf,
+        source_ids={row: source_ids[row] for row in rows_kf.unique().tolist()},
+        firing_count_f=firing_f,
+        rows=manifest.rows,
     )
-    write_run_info(config.output, "label", config, **summary.model_dump())
-    return summary

@@ -239,11 +239,16 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         With unit-norm columns, that component only changes the norm, which `normalize_decoder_`
         undoes anyway; removing it keeps Adam's moment estimates for the useful directions.
         """
-        grad_fd = self.W_dec_fd.grad
-        if grad_fd is None or not self.unit_norm_decoder:
-            return
+        if self.W_dec_fd.grad is not None:
+            self.W_dec_fd.grad.copy_(self.without_parallel_grad(self.W_dec_fd.grad))
+
+    @torch.no_grad()
+    def without_parallel_grad(self, grad_fd: torch.Tensor) -> torch.Tensor:
+        """A decoder gradient less its component along each column (also usable as a gradient hook)."""
+        if not self.unit_norm_decoder:
+            return grad_fd
         unit_fd = self.W_dec_fd / self.W_dec_fd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        grad_fd -= (grad_fd * unit_fd).sum(-1, keepdim=True) * unit_fd
+        return grad_fd - (grad_fd * unit_fd).sum(-1, keepdim=True) * unit_fd
 
     # -- checkpoints -----------------------------------------------------------------------------
 

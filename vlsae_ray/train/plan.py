@@ -425,7 +425,7 @@ def format_plan(p: Plan) -> str:
         f" {_si(f.decoder, 'FLOP')}, AuxK {_si(f.auxk, 'FLOP')}, backward {_si(f.backward, 'FLOP')});"
         f" {_si(f.total / p.n_gpus, 'FLOP')} per worker",
         "",
-        "memory per worker in GiB; dp x ls = data-parallel groups x latent shards; comm = bytes sent per step",
+        "memory per worker in GiB; dp x ls: data-parallel groups x latent shards; comm: bytes sent per step",
     ]
     header = ("dp x ls", "ZeRO", "params", "grads", "optim", "acts", "temps", "peak", "fits", "comm/step")
     rows = [header]
@@ -445,7 +445,7 @@ def format_plan(p: Plan) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     lines += [f"skipped {reason}" for reason in p.skipped]
     lines.append("")
     if p.chosen is None:

@@ -54,6 +54,7 @@ class SAETrainer:
         grad_clip: float | None = 1.0,
         dead_tokens_threshold: int | None = None,
         layout: ParallelLayout | None = None,
+        zero_stage: int | None = None,
     ):
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps} must be at least 1")
@@ -82,7 +83,11 @@ class SAETrainer:
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda")
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.zero_stage = zero_stage
+        if zero_stage is None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        else:
+            self._init_deepspeed(zero_stage)
         # per latent of this rank: all of them, or its shard's
         n_latents = getattr(self.sae, "n_local", self.sae.config.n_latents)
         self.tokens_since_fired_f = torch.zeros(n_latents, dtype=torch.long, device=self.sae.b_dec_d.device)
@@ -113,15 +118,21 @@ class SAETrainer:
         extra = {} if modality_b is None else {"modality_b": modality_b.to(x_bd.device)}
         x_hat_bd, z, aux = self.model(x_bd, self.dead_mask(), sparse_latents=True, **extra)
         loss = sum(aux.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.sae.remove_parallel_grads_()
-        if self.grad_clip is not None:
-            self._clip_grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.sae.normalize_decoder_()
+        if self.zero_stage is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.sae.remove_parallel_grads_()
+            if self.grad_clip is not None:
+                self._clip_grad_norm()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.sae.normalize_decoder_()
+        else:  # the engine averages, clips, steps Adam and the schedule, and zeroes the gradients
+            self.model.backward(loss)
+            self.model.step()
+            self.sae.normalize_decoder_()
+            self.optimizer.refresh_fp32_params()  # ZeRO's fp32 master copy takes the normalised columns
         self.steps += 1
         with torch.no_grad():
             self._count_firings(z)
@@ -139,6 +150,39 @@ class SAETrainer:
             }
         metrics.update({name: float(term.detach()) for name, term in aux.items()})
         return metrics
+
+    def _init_deepspeed(self, zero_stage: int) -> None:
+        """Wrap the SAE in a DeepSpeed engine: ZeRO `zero_stage` over the data-parallel ranks.
+
+        Stage 1 partitions Adam's state, stage 2 also the gradients, each over the data-parallel
+        group (Rajbhandari et al. 2020). The decoder gradient loses its component along each column
+        in a gradient hook, before ZeRO reduces and partitions it; clipping is DeepSpeed's own (the
+        same global norm). Adam stays torch's (`zero_allow_untested_optimizer`), so nothing is compiled
+        for it on CPU.
+        """
+        import deepspeed
+
+        if self.layout.latent_shards != 1:
+            raise ValueError("DeepSpeed ZeRO runs on data-parallel workers only; use latent_shards: 1")
+        if self.model is not self.sae:
+            raise ValueError("pass the bare SAE with DeepSpeed: the engine replaces DistributedDataParallel")
+        self.sae.W_dec_fd.register_hook(self.sae.without_parallel_grad)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,  # batches are cut by our stream; DeepSpeed only checks these
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.layout.data_parallel,
+            "zero_optimization": {"stage": zero_stage},
+            "gradient_clipping": self.grad_clip or 0.0,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+        }
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.sae,
+            optimizer=self.optimizer,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor),
+            config=config,
+            dist_init_required=False,
+        )
 
     @torch.no_grad()
     def _clip_grad_norm(self) -> None:

@@ -1,0 +1,58 @@
+"""The concept catalog: one parquet file per label run, one row per (SAE checkpoint, latent).
+
+Columns: `sae` (the checkpoint's URI) and `sae_sha256` (of its weights file, so a catalog row
+names the exact checkpoint even after the URI is overwritten), `latent`, `name`, `runner_up`,
+`similarity` (cosine of the latent's direction and its name), `confidence` (softmax probability
+of the name over the vocabulary), `firing_count` (rows on which the latent is positive),
+`top_source_ids` and `top_activations` (its top-k rows, largest first, positive activations
+only), and for a VL-SAE `top_captions` and `top_caption_activations` (its top-k text rows).
+Naming columns are null when the run did not name latents or the latent never fired. The file's
+metadata records the label config.
+
+Written through `vlsae_ray.storage` (local, file:// or s3://) and queryable with DuckDB, e.g.
+
+    SELECT latent, name, confidence, top_source_ids[1] AS top_image
+    FROM 'labels/catalog.parquet' WHERE confidence > 0.5 ORDER BY confidence DESC LIMIT 10
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlsae_ray import storage
+
+CATALOG_FILE = "catalog.parquet"
+
+SCHEMA = pa.schema(
+    [
+        ("sae", pa.string()),
+        ("sae_sha256", pa.string()),
+        ("latent", pa.int32()),
+        ("name", pa.string()),
+        ("runner_up", pa.string()),
+        ("similarity", pa.float32()),
+        ("confidence", pa.float32()),
+        ("firing_count", pa.int64()),
+        ("top_source_ids", pa.list_(pa.string())),
+        ("top_activations", pa.list_(pa.float32())),
+        ("top_captions", pa.list_(pa.string())),
+        ("top_caption_activations", pa.list_(pa.float32())),
+    ]
+)
+
+
+def write_catalog(uri: str, columns: dict[str, list], config: dict) -> None:
+    """Write the catalog's columns (names as in SCHEMA) as one parquet object at `uri`."""
+    table = pa.table(columns, schema=SCHEMA.with_metadata({"vlsae_label_config": json.dumps(config)}))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def read_catalog(uri: str) -> pa.Table:
+    """The catalog at `uri` as an Arrow table; DuckDB queries it by its Python name (`FROM table`)."""
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
