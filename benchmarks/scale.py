@@ -100,7 +100,9 @@ def main() -> None:
     ]:
         rate = run(world, shards, 8192, batch, args.steps)[0]["samples_per_second"]
         base = base or rate
-        results["throughput"].append({"run": name, "workers": world, "batch": batch, "samples_per_second": rate})
+        results["throughput"].append(
+            {"run": name, "workers": world, "batch": batch, "samples_per_second": rate}
+        )
         lines.append(f"| {name} | {world} | {batch} | {rate:,.0f} | {rate / base:.2f} |")
         print(lines[-1], flush=True)
     lines += ["", "| F | replicated: state MiB | peak RSS MiB | 2 shards: state MiB / worker | peak RSS MiB "

@@ -70,13 +70,11 @@ class FirstPass:
     def merge(self, other: FirstPass) -> FirstPass:
         self.rows += other.rows
         self.embedding_dim = max(self.embedding_dim, other.embedding_dim)
-        for mine, theirs in (
-            (self.neurons, other.neurons),
-            (self.latents, other.latents),
-            (self.top, other.top),
-        ):
+        for mine, theirs in ((self.neurons, other.neurons), (self.latents, other.latents)):
             if mine is not None:
                 mine.merge(theirs)
+        if self.top is not None:
+            self.top.merge_rows(other.top)
         for uri, stats in other.stats.items():
             self.stats[uri].merge(stats)
         return self

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from vlsae_ray.interpret.top_examples import TopK
 
-class TopRows:
-    """Running top-k per column of [n, F] matrices, with the rows' source ids (and vectors if asked)."""
+
+class TopRows(TopK):
+    """`TopK` that also keeps its rows' source ids (and vectors if asked), for reports and uniqueness."""
 
     def __init__(self, k: int, n_columns: int, keep_vectors: bool = False):
-        self.k = k
-        self.values_kf = torch.full((0, n_columns), float("-inf"))
-        self.rows_kf = torch.zeros((0, n_columns), dtype=torch.long)
+        super().__init__(k, n_columns)
         self.source_ids: dict[int, str] = {}
         self.keep_vectors = keep_vectors
         self.vectors: dict[int, torch.Tensor] = {}
@@ -25,8 +25,7 @@ class TopRows:
         self, values_nf: torch.Tensor, first_row: int, source_ids: list[str], x_nd: torch.Tensor | None = None
     ) -> None:
         """Add rows first_row, first_row + 1, ... with their latent values [n, F]."""
-        rows_nf = torch.arange(first_row, first_row + values_nf.shape[0]).unsqueeze(1).expand_as(values_nf)
-        self._keep(torch.cat([self.values_kf, values_nf.float()]), torch.cat([self.rows_kf, rows_nf]))
+        super().update(values_nf, first_row)
         for row in self.rows_kf.unique().tolist():
             if first_row <= row < first_row + values_nf.shape[0]:
                 self.source_ids[row] = source_ids[row - first_row]
@@ -34,17 +33,12 @@ class TopRows:
                     self.vectors[row] = x_nd[row - first_row].float().clone()
         self._prune()
 
-    def merge(self, other: TopRows) -> None:
-        self._keep(torch.cat([self.values_kf, other.values_kf]), torch.cat([self.rows_kf, other.rows_kf]))
+    def merge_rows(self, other: TopRows) -> None:
+        """Fold in another part's TopRows (a Ray task's result)."""
+        self.merge(other.values_kf, other.rows_kf)
         self.source_ids.update(other.source_ids)
         self.vectors.update(other.vectors)
         self._prune()
-
-    def _keep(self, values: torch.Tensor, rows: torch.Tensor) -> None:
-        by_row = torch.sort(rows, dim=0, stable=True).indices  # ties: the earlier row first
-        values, rows = values.gather(0, by_row), rows.gather(0, by_row)
-        order = torch.sort(values, dim=0, descending=True, stable=True).indices[: self.k]
-        self.values_kf, self.rows_kf = values.gather(0, order), rows.gather(0, order)
 
     def _prune(self) -> None:
         kept = set(self.rows_kf[self.values_kf > 0].tolist())

@@ -239,16 +239,17 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         With unit-norm columns, that component only changes the norm, which `normalize_decoder_`
         undoes anyway; removing it keeps Adam's moment estimates for the useful directions.
         """
-        if self.W_dec_fd.grad is not None:
-            self.W_dec_fd.grad.copy_(self.without_parallel_grad(self.W_dec_fd.grad))
+        if self.W_dec_fd.grad is not None and self.unit_norm_decoder:
+            self.W_dec_fd.grad.sub_(self._parallel_component(self.W_dec_fd.grad))
 
     @torch.no_grad()
     def without_parallel_grad(self, grad_fd: torch.Tensor) -> torch.Tensor:
-        """A decoder gradient less its component along each column (also usable as a gradient hook)."""
-        if not self.unit_norm_decoder:
-            return grad_fd
+        """A decoder gradient less its component along each column (a gradient hook, for DeepSpeed)."""
+        return grad_fd - self._parallel_component(grad_fd) if self.unit_norm_decoder else grad_fd
+
+    def _parallel_component(self, grad_fd: torch.Tensor) -> torch.Tensor:
         unit_fd = self.W_dec_fd / self.W_dec_fd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return grad_fd - (grad_fd * unit_fd).sum(-1, keepdim=True) * unit_fd
+        return (grad_fd * unit_fd).sum(-1, keepdim=True) * unit_fd
 
     # -- checkpoints -----------------------------------------------------------------------------
 

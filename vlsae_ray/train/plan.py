@@ -11,8 +11,8 @@ b_dec [d], b_dec replicated across the shards):
 
     parameters   n·a
     gradients    n·a, or ceil(n/P)·a with ZeRO 2 (each data-parallel rank keeps its partition);
-                 twice n·a under plain DDP (P > 1, ZeRO 0), whose flat all-reduce buckets hold a second
-                 copy unless `gradient_as_bucket_view=True`
+                 under plain DDP the gradients are views of its all-reduce buckets
+                 (`gradient_as_bucket_view=True`), so no second copy
     optimizer    Adam's two fp32 moments, 8 bytes per element, plus a fp32 master copy, 4 bytes,
                  when a < 4 or with ZeRO (DeepSpeed's ZeRO optimizer always steps a fp32 partition,
                  deepspeed/runtime/zero/stage_1_and_2.py), over m = n elements, or m = ceil(n/P)
@@ -36,11 +36,10 @@ and, in one step, the forward's buffers (peak at the AuxK selection, when all ar
                      candidates as above with aux_k for k; and, once that copy is freed, its codes and
                      its reconstruction, residual and normalised-MSE buffers, 6·B_w·d·a
 
-then, once the forward's buffers are freed, the update's temporaries, the larger of: projecting
-the decoder gradient off each column (`remove_parallel_grads_`), two [F_w, d] buffers of the held
-gradient, 2·F_w·d·a; and the gradient norm for clipping (`SAETrainer._clip_grad_norm`), which
-squares a fp64 copy of each gradient, 16 bytes per element of the largest, [F_w, d]; plus what the
-step keeps for its metrics (x, x_hat and the codes), and with ZeRO a gradient-reduction bucket of
+then, once the forward's buffers are freed, the update's temporaries: projecting the decoder
+gradient off each column (`remove_parallel_grads_`), two [F_w, d] buffers of the held gradient,
+2·F_w·d·a (the gradient norm for clipping allocates no copy); plus what the step keeps for its
+metrics (x, x_hat and the codes), and with ZeRO a gradient-reduction bucket of
 min(`zero_bucket_elements`, n) elements (fp32 with ZeRO 1, the training dtype with ZeRO 2;
 DeepSpeed's default size is 5e8). The peak is
 
@@ -91,8 +90,6 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ZERO_STAGES = (0, 1, 2)
 # DeepSpeed's default `reduce_bucket_size` (deepspeed/runtime/zero/config.py).
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
-# SAETrainer._clip_grad_norm: a fp64 copy of a gradient and its square, 8 bytes each per element.
-GRAD_NORM_BYTES = 16
 # gathered_pre_acts keeps the gathered dot, its clone, b_enc at the entry, its scaled copy, the
 # difference and the sum; `activate` adds the ReLU.
 CODE_VALUE_COPIES = 6
@@ -252,7 +249,6 @@ def worker_plan(
     n = 2 * F_w * d + F_w + d
     partition = math.ceil(n / P) if zero_stage >= 1 else n
     held_gradients = math.ceil(n / P) if zero_stage == 2 else n
-    ddp_buckets = n if (P > 1 and zero_stage == 0) else 0
     master = 4 if (a < 4 or zero_stage >= 1) else 0
     step_counters = 4 * (1 if zero_stage >= 1 else 4)
 
@@ -270,7 +266,7 @@ def worker_plan(
     held_decoder_gradient = F_w * d if zero_stage < 2 else math.ceil(F_w * d / P)
     bucket = min(zero_bucket_elements, n) * (4 if zero_stage == 1 else a) if zero_stage >= 1 else 0
     kept = 2 * B_w * d * a + codes  # x, x_hat and the codes, which the step keeps for its metrics
-    temporaries = max(2 * a, GRAD_NORM_BYTES) * held_decoder_gradient + kept + bucket
+    temporaries = 2 * a * held_decoder_gradient + kept + bucket
 
     n_selections = 2 if aux_k else 1
     comm = CommVolume(
@@ -283,7 +279,7 @@ def worker_plan(
         latent_shards=W,
         zero_stage=zero_stage,
         parameters=n * a,
-        gradients=(held_gradients + ddp_buckets) * a,
+        gradients=held_gradients * a,
         optimizer=partition * (8 + master) + step_counters,
         activations=activations,
         temporaries=temporaries,
@@ -312,7 +308,8 @@ def plan(
 
     `batch_size` is the global batch (samples per optimiser step), `gpu_memory_gb` the memory of one
     GPU in GiB, of which `usable_fraction` is planned for. `zero_stage` None tries 0, 1 and 2
-    (stages 1 and 2 only with data parallelism); `aux_k` None is the TopK SAE's default
+    (stages 1 and 2 only with data parallelism and no latent shards, as the trainer runs DeepSpeed);
+    `aux_k` None is the TopK SAE's default
     (d // 2 dead latents, `TopKConfig.aux_k_latents`), 0 plans without the AuxK loss.
     """
     for name, value in (("d", d), ("n_latents", n_latents), ("k", k), ("batch_size", batch_size)):
@@ -346,8 +343,10 @@ def plan(
             continue
         stages = ZERO_STAGES if zero_stage is None else (zero_stage,)
         for stage in stages:
-            if zero_stage is None and stage > 0 and P == 1:
-                continue  # nothing to partition over
+            if stage > 0 and (P == 1 or W > 1):
+                if zero_stage is not None:
+                    skipped.append(f"{P} x {W} with ZeRO {stage}: ZeRO runs on data-parallel workers only")
+                continue  # nothing to partition over, or latent shards (DDP then)
             layouts.append(
                 worker_plan(
                     d, n_latents, k, aux_k, batch_size, a, P, W, stage, zero_bucket_elements, usable_bytes

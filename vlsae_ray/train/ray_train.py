@@ -3,16 +3,18 @@
 Workers form data_parallel x latent_shards (`parallel.ParallelLayout`): the ranks of a latent
 group split one SAE's latents (`parallel.LatentShardedSAE`); data groups train on different
 parts of each global batch and average gradients with DistributedDataParallel (gloo on CPU,
-NCCL on GPU). Each data part reads its batches from the shard store (`ActivationStream`: seeded,
-so a resumed run sees exactly the batches it had left). Every `checkpoint_every` steps all ranks
-write a checkpoint beside the output (`checkpoint`); a restarted worker (Ray Train's
-FailureConfig) or a resubmitted job resumes from the latest one. Rank 0 logs progress, reports
-metrics to Ray Train and saves the trained SAE, gathered from its shards, to the output.
+NCCL on GPU), or with DeepSpeed ZeRO 1/2 (`training.zero_stage`, without latent shards). Each
+data part reads its batches from the shard store (`ActivationStream`: seeded, so a resumed run
+sees exactly the batches it had left). Every `checkpoint_every` steps all ranks write a
+checkpoint beside the output (`checkpoint`); a restarted worker (Ray Train's FailureConfig) or a
+resubmitted job resumes from the latest one. Rank 0 logs progress, reports metrics to Ray Train
+and saves the trained SAE, gathered from its shards, to the output.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -72,10 +74,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         sae = build_sae(config.sae).to(device)
     model = sae
-    if layout.data_parallel > 1:
+    if layout.data_parallel > 1 and training.zero_stage is None:
         model = DistributedDataParallel(
-            sae, process_group=layout.data_group, device_ids=[device] if device.type == "cuda" else None
+            sae,
+            process_group=layout.data_group,
+            device_ids=[device] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
         )
+    os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))  # for DeepSpeed
     stream = ActivationStream(
         config.activations,
         batch_size=training.batch_size,
@@ -91,6 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr=training.lr,
         sample=loop_config["init_sample"],
         layout=layout,
+        zero_stage=training.zero_stage,
     )
     position = checkpoint.restore(config.output, trainer, layout)
     if position != StreamPosition() and rank == 0:

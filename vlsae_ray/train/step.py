@@ -193,11 +193,11 @@ class SAETrainer:
         sharded = {id(p) for p in getattr(self.sae, "sharded_parameters", list)()}
         params = [p for p in self.sae.parameters() if p.grad is not None]
         sharded_sq = replicated_sq = torch.zeros((), dtype=torch.float64, device=self.sae.b_dec_d.device)
-        for p in params:
+        for p in params:  # vector_norm allocates no copy of the gradient
             if id(p) in sharded:
-                sharded_sq = sharded_sq + p.grad.double().pow(2).sum()
+                sharded_sq = sharded_sq + torch.linalg.vector_norm(p.grad).double() ** 2
             else:
-                replicated_sq = replicated_sq + p.grad.double().pow(2).sum()
+                replicated_sq = replicated_sq + torch.linalg.vector_norm(p.grad).double() ** 2
         total = float((self.layout.sum_over_shards_(sharded_sq) + replicated_sq).sqrt())
         coef = self.grad_clip / (total + 1e-6)
         if coef < 1.0:
