@@ -6,13 +6,14 @@ naming the key, what was given and the expected form.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlsae_ray import storage
-from vlsae_ray.sae import SAEConfig
+from vlsae_ray.sae import BaseSAEConfig, SAEConfig
+from vlsae_ray.sae import parse_config as parse_sae_config
 
 
 class ConfigError(ValueError):
@@ -24,19 +25,61 @@ class Strict(BaseModel):
 
 
 class SourceConfig(Strict):
-    """Where the images and captions come from."""
+    """Where the images and captions come from.
 
-    kind: Literal["world", "package_photos"] = Field(
+    File sources (webdataset, parquet, folder) are read through `vlsae_ray.storage`, so each URI
+    is a local path, file:// or s3://. A `{000..099}` range in a URI expands to one URI per number,
+    as in webdataset (`shards/train-{0000..0127}.tar`).
+    """
+
+    kind: Literal["world", "package_photos", "webdataset", "parquet", "folder"] = Field(
         "world",
         description="world: the built-in concept world (images with known shapes, colours, ...); "
         "package_photos: real photos shipped inside scikit-image, scikit-learn and matplotlib, with "
-        "seeded random crops and flips",
+        "seeded random crops and flips; webdataset: .tar shards of samples grouped by basename "
+        "(KEY.jpg/.png/.webp image, KEY.txt caption); parquet: files with an image-bytes column and a "
+        "caption column; folder: image files and a captions file in the same folder",
     )
-    n_items: int = Field(2048, gt=0, description="how many image-caption items to make")
-    seed: int = Field(0, description="seed of the items")
+    uris: list[str] = Field(
+        [],
+        description="webdataset: .tar URIs; parquet: .parquet URIs; folder: folder URIs (each with its "
+        "captions file); in this order, which fixes every item's shard",
+    )
+    n_items: int | None = Field(
+        None,
+        gt=0,
+        description="world and package_photos: how many items to make (default 2048); file sources: "
+        "use only the first n_items items (default all)",
+    )
+    seed: int = Field(0, description="world and package_photos: seed of the items")
     split: Literal["train", "test"] = Field(
         "train", description="world only: train, or test (the held-out shape-colour pairs)"
     )
+    image_column: str = Field("image", description="parquet: column of encoded image bytes")
+    caption_column: str = Field("caption", description="parquet: column of captions")
+    captions: str = Field(
+        "captions.jsonl",
+        description='folder: captions file in each folder: .jsonl lines {"file": NAME, "caption": TEXT} '
+        "or .csv with columns file,caption",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_size(cls, value: object) -> object:
+        # a generated source's default size, written out so that a manifest records it
+        generated = isinstance(value, dict) and value.get("kind", "world") in ("world", "package_photos")
+        if generated and value.get("n_items") is None:
+            return {**value, "n_items": 2048}
+        return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SourceConfig:
+        generated = self.kind in ("world", "package_photos")
+        if generated and self.uris:
+            raise ValueError(f"source.uris is for file sources; kind {self.kind!r} makes its own items")
+        if not generated and not self.uris:
+            raise ValueError(f"source kind {self.kind!r} needs source.uris: the {self.kind} URIs to read")
+        return self
 
 
 class BackboneConfig(Strict):
@@ -49,7 +92,8 @@ class BackboneConfig(Strict):
     )
     model: str = Field(
         description="open_clip: model name (e.g. ViT-B-32 or the built-in world-clip); transformers and "
-        "llava: a local folder or URI holding the model's save_pretrained files"
+        "llava: a local folder (path or file:// URI) holding the model's save_pretrained files, with its "
+        "image processor and tokenizer saved beside it"
     )
     pretrained: str | None = Field(
         None,
@@ -66,7 +110,9 @@ class TokenConfig(Strict):
         description="cls: the class token (the EOT token for text); random: `k` tokens drawn per item, "
         "seeded by `seed` and the item id; mean: the mean over tokens; all: every token",
     )
-    k: int = Field(1, gt=0, description="random mode: tokens drawn per item")
+    k: int = Field(
+        1, gt=0, description="random mode: tokens drawn per item (all of its tokens when it has fewer)"
+    )
     seed: int = Field(0, description="random mode: seed of the draw")
 
     @model_validator(mode="before")
@@ -88,48 +134,202 @@ class ExtractConfig(Strict):
     )
     token: TokenConfig = Field(TokenConfig(), description="which tokens of a sequence output become rows")
     output: str = Field(description="URI under which each hook point's dataset is written")
-    shard_rows: int = Field(1024, gt=0, description="rows per shard")
-    batch_size: int = Field(64, gt=0, description="images per model forward")
+    shard_rows: int = Field(
+        1024,
+        gt=0,
+        description="items per shard (a shard holds each item's rows: one with token cls or mean, k with "
+        "random, every token with all); one shard's images travel together, so keep it in the thousands",
+    )
+    batch_size: int = Field(64, gt=0, description="items per model forward")
     concurrency: int = Field(1, gt=0, description="model actors")
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    fail_fast: bool = Field(
+        False,
+        description="false: count, log and skip bad input (corrupt images, missing captions a text hook "
+        "needs, unreadable source files); true: stop at the first one",
+    )
 
 
 class TrainingConfig(Strict):
-    batch_size: int = Field(1024, gt=0, description="global batch size (split across workers)")
+    batch_size: int = Field(1024, gt=0, description="global batch size (split across data-parallel workers)")
     epochs: int = Field(1, gt=0)
     seed: int = 0
     lr: float | None = Field(None, gt=0, description="None: 2e-4 / sqrt(n_latents / 2**14)")
-    num_workers: int = Field(2, gt=0, description="Ray Train workers (data parallel)")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers: data_parallel x latent_shards")
+    latent_shards: int = Field(
+        1,
+        gt=0,
+        description="workers that split one SAE's latents between them (topk and batchtopk); "
+        "num_workers / latent_shards groups train on different data",
+    )
+    window_shards: int = Field(
+        4, gt=0, description="activation shards whose rows are shuffled together (the shuffle window)"
+    )
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="steps between checkpoints under OUTPUT/checkpoints (None: none)"
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="most recent checkpoints kept")
+    max_failures: int = Field(
+        0, ge=0, description="worker failures Ray Train recovers from (restarting from the last checkpoint)"
+    )
     cpus_per_worker: float = Field(
-        0.5, gt=0, description="below 1 on small machines, so Ray Data's read tasks can run beside them"
+        0.5, gt=0, description="below 1 on small machines, so other tasks can run beside them"
     )
     use_gpu: bool = False
+    zero_stage: Literal[1, 2] | None = Field(
+        None,
+        description="DeepSpeed ZeRO over the data-parallel workers: 1 partitions Adam's state, 2 also the "
+        "gradients; None: DistributedDataParallel",
+    )
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> TrainingConfig:
+        if self.zero_stage and self.latent_shards > 1:
+            raise ValueError("zero_stage runs on data-parallel workers only: set latent_shards: 1 or drop it")
+        if self.zero_stage and self.checkpoint_every:
+            raise ValueError("checkpoints of DeepSpeed runs are not supported yet: drop checkpoint_every")
+        if self.num_workers % self.latent_shards:
+            raise ValueError(
+                f"num_workers={self.num_workers} must be a multiple of latent_shards={self.latent_shards}"
+            )
+        if self.batch_size % (self.num_workers // self.latent_shards):
+            raise ValueError(
+                f"batch_size={self.batch_size} must split evenly over the "
+                f"{self.num_workers // self.latent_shards} data-parallel groups"
+            )
+        return self
 
 
 class TrainConfig(Strict):
     activations: str = Field(description="URI of an activation dataset (a folder with manifest.json)")
     sae: SAEConfig
+    sweep: list[dict[str, Any]] = Field(
+        [],
+        description="a sweep: each entry overrides keys of `sae` (e.g. {k: 32} or {architecture: "
+        "batchtopk}); every SAE of the sweep trains on the same batches, read once, into OUTPUT/sweep-NN",
+    )
     training: TrainingConfig = TrainingConfig()
-    output: str = Field(description="URI of the folder the trained SAE is saved to")
+    output: str = Field(description="URI of the folder the trained SAE (or the sweep's SAEs) is saved to")
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> TrainConfig:
+        self.sae_runs()  # every entry of the sweep is a valid SAE config
+        return self
+
+    def sae_runs(self) -> list[tuple[str, BaseSAEConfig]]:
+        """(output URI, SAE config) of each SAE the job trains."""
+        if not self.sweep:
+            return [(self.output, self.sae)]
+        runs = []
+        for i, override in enumerate(self.sweep):
+            try:
+                sae = parse_sae_config({**self.sae.model_dump(), **override})
+            except ValidationError as error:
+                raise ValueError(f"sweep[{i}] = {override}: {_explain(error).strip()}") from None
+            runs.append((storage.join(self.output, f"sweep-{i:02d}"), sae))
+        return runs
+
+
+class ZeroShotConfig(Strict):
+    """The evaluate job's downstream task: zero-shot accuracy with the SAE spliced into the backbone."""
+
+    task: Literal["world"] = Field(
+        "world", description="world: zero-shot classification of every concept-world attribute"
+    )
+    backbone: BackboneConfig = Field(description="the open_clip CLIP the SAE's activations came from")
+    hook_point: str | None = Field(
+        None, description="where the SAE's reconstruction replaces the activation; default: the dataset's"
+    )
+    n_items: int = Field(1000, gt=0, description="world items classified")
+    attributes: list[str] | None = Field(
+        None, description="world attributes classified (e.g. [shape, colour]); default: all of them"
+    )
+    split: Literal["train", "test"] = Field("test", description="world split (test: held-out pairs)")
+    seed: int = 0
+    batch_size: int = Field(256, gt=0, description="images per forward")
 
 
 class EvaluateConfig(Strict):
-    sae: str = Field(description="URI of a saved SAE")
+    """The evaluate job: FVU, L0, dead latents, MS, uniqueness, downstream checks and a report."""
+
+    sae: str = Field(description="URI of a saved SAE (the one the MS, uniqueness and plots describe)")
     activations: str = Field(description="URI of the activation dataset to evaluate on")
     embeddings: str | None = Field(
         None,
-        description="URI of an image-embedding dataset over the same items (for the Monosemanticity Score)",
+        description="URI of an image-embedding dataset over the same items, row for row, for the "
+        "Monosemanticity Score: any extracted image embedding, e.g. hook point `visual` of a CLIP",
     )
-    batch_size: int = Field(1024, gt=0)
+    checkpoints: list[str] = Field(
+        [], description="more SAE URIs on the same activations: FVU and L0 of each, drawn with `sae`"
+    )
+    text_activations: str | None = Field(
+        None,
+        description="VL-SAE only: URI of the text-side dataset of the same items (caption rows), for the "
+        "intra- and inter-concept image/text similarity",
+    )
+    zero_shot: ZeroShotConfig | None = Field(
+        None, description="downstream zero-shot task with the SAE spliced in; none: skipped"
+    )
+    top_k: int = Field(9, gt=0, description="top images per latent (uniqueness, grids, VL-SAE similarity)")
+    grid_latents: int = Field(6, ge=0, description="highest-MS latents shown as top-image grids")
+    batch_size: int = Field(1024, gt=0, description="rows per SAE forward")
+    shards_per_task: int = Field(4, gt=0, description="shards each Ray task reduces to one partial")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs of each Ray task")
     output: str = Field(description="URI of the folder the report is written to")
 
 
 class LabelConfig(Strict):
+    """The label job: each latent's top examples and name, written to the concept catalog."""
+
     sae: str = Field(description="URI of a saved SAE")
-    activations: str = Field(description="URI of the activation dataset to search")
+    activations: str = Field(description="URI of the activation dataset to search (for a VL-SAE: images)")
+    text_activations: str | None = Field(
+        None, description="VL-SAE only: URI of the text-side dataset of the same items, for top captions"
+    )
+    embeddings: str | None = Field(
+        None,
+        description="URI of an image-embedding dataset over the same items (e.g. hook `visual`), for "
+        "naming by top images",
+    )
+    naming: Literal["auto", "top_images", "decoder", "none"] = Field(
+        "auto",
+        description="top_images: compare the vocabulary with the mean embedding of each latent's top "
+        "images (needs `embeddings`); decoder: with its decoder direction (only for an SAE trained on "
+        "the embedding itself, e.g. hook `visual`); none: no names; auto: top_images when `embeddings` "
+        "is set, else none",
+    )
+    vocabulary: str | None = Field(
+        None, description="URI of a text file of concepts, one per line; default: the packaged vocabulary"
+    )
+    prompts: list[str] = Field(
+        ["a photo of {}.", "an image showing {}.", "{}"],
+        min_length=1,
+        description="prompt templates, each with one {} for the concept; a concept's text embedding is "
+        "the mean over its prompts",
+    )
+    text_model: BackboneConfig | None = Field(
+        None,
+        description="the CLIP whose text tower embeds the vocabulary; default: the model that made the "
+        "embeddings (the built-in world CLIP is found by name; name any other here)",
+    )
     top_k: int = Field(9, gt=0, description="top-activating examples kept per latent")
-    batch_size: int = Field(1024, gt=0)
-    output: str = Field(description="URI of the folder the labels are written to")
+    batch_size: int = Field(1024, gt=0, description="rows per SAE forward")
+    output: str = Field(description="URI of the folder the catalog is written to")
+
+    @model_validator(mode="after")
+    def _check_naming(self) -> LabelConfig:
+        if self.naming == "top_images" and self.embeddings is None:
+            raise ValueError("naming 'top_images' needs `embeddings`: an image-embedding dataset URI")
+        for prompt in self.prompts:
+            if prompt.count("{}") != 1:
+                raise ValueError(f"prompt {prompt!r} must hold exactly one {{}} where the concept goes")
+        return self
+
+    @property
+    def naming_method(self) -> str:
+        if self.naming == "auto":
+            return "top_images" if self.embeddings is not None else "none"
+        return self.naming
 
 
 class ServeConfig(Strict):

@@ -46,7 +46,7 @@ def train_config(root, output, **training):
     return TrainConfig.model_validate(
         {
             "activations": root,
-            "sae": {"architecture": "topk", "d_in": D, "n_latents": 64, "k": 4},
+            "sae": {"architecture": "topk", "d_in": D, "n_latents": 256, "k": 4},
             "training": {"batch_size": 64, "epochs": 2, "lr": 1e-3, **training},
             "output": output,
         }
@@ -58,36 +58,37 @@ def assert_same_sae(a: SparseAutoencoder, b: SparseAutoencoder):
         torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
 
-def test_latent_sharded_run_equals_one_process(ray_cluster, s3_root):
+def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
     root = activations(storage.join(s3_root, "acts"))  # read from and written to the S3 server
     config = train_config(root, storage.join(s3_root, "sae"), num_workers=2, latent_shards=2)
+    config = config.model_copy(update={"sweep": [{}, {"architecture": "batchtopk", "k": 8}]})
     summary = run_train(config)
 
-    # The reference: one process on the full SAE whose halves are the shards' initial weights.
-    torch.manual_seed(config.training.seed)
-    seed = config.training.seed
-    shards = [LatentShardedSAE(config.sae, ParallelLayout(1, 2, 0, s), seed=seed) for s in range(2)]
-    full = build_sae(config.sae)
-    full.load_state_dict(
-        {
-            name: torch.cat([shard.local.state_dict()[name] for shard in shards])
-            if name in ("W_enc_fd", "b_enc_f", "W_dec_fd") else tensor
-            for name, tensor in full.state_dict().items()
-        }
-    )
     stream = ActivationStream(root, batch_size=64, seed=config.training.seed, window_shards=4)
     epochs = range(config.training.epochs)
-    trainer = SAETrainer(
-        full, total_steps=sum(stream.steps_in_epoch(e) for e in epochs), lr=1e-3,
-        sample=_init_sample(root, INIT_SAMPLES, config.training.seed),
-    )
-    metrics = [trainer.step(x) for e in epochs for x in stream.epoch(e)]
-    assert summary.steps == trainer.steps == 2 * (SHARDS * SHARD_ROWS // 64)
-    assert any("auxk" in m for m in metrics)  # dead latents were trained across the shards
-    assert summary.metrics["loss"] == pytest.approx(metrics[-1]["loss"], rel=1e-4)
-    saved = build_sae(config.sae)  # as `save` writes it: the input scale folded into the biases
-    saved.load_state_dict(full.folded_state_dict())
-    assert_same_sae(saved, SparseAutoencoder.load(config.output))
+    for i, (output, sae_config) in enumerate(config.sae_runs()):
+        # One process on the full SAE whose halves are the shards' initial weights, on the same batches.
+        seed = config.training.seed
+        shards = [LatentShardedSAE(sae_config, ParallelLayout(1, 2, 0, s), seed=seed) for s in range(2)]
+        full = build_sae(sae_config)
+        full.load_state_dict(
+            {
+                name: torch.cat([shard.local.state_dict()[name] for shard in shards])
+                if name in ("W_enc_fd", "b_enc_f", "W_dec_fd") else tensor
+                for name, tensor in full.state_dict().items()
+            }
+        )
+        trainer = SAETrainer(
+            full, total_steps=sum(stream.steps_in_epoch(e) for e in epochs), lr=1e-3,
+            sample=_init_sample(root, INIT_SAMPLES, seed),
+        )
+        metrics = [trainer.step(x) for e in epochs for x in stream.epoch(e)]
+        assert summary.steps == trainer.steps == 2 * (SHARDS * SHARD_ROWS // 64)
+        assert any("auxk" in m for m in metrics)  # dead latents were trained across the shards
+        assert summary.metrics[f"sweep-{i:02d}/loss"] == pytest.approx(metrics[-1]["loss"], rel=1e-4)
+        saved = build_sae(sae_config)  # as `save` writes it: the input scale folded into the biases
+        saved.load_state_dict(full.folded_state_dict())
+        assert_same_sae(saved, SparseAutoencoder.load(output))
 
 
 def test_killed_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, tmp_path):

@@ -58,21 +58,15 @@ def _init_sample(dataset: str, rows: int, seed: int) -> torch.Tensor:
     return torch.cat(parts)[:rows]
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+def _build(sae_config, layout: ParallelLayout, training, device, init_sample, total_steps) -> SAETrainer:
+    """One SAE of the job (this rank's shard of it), wrapped for data parallelism, and its trainer."""
     from torch.nn.parallel import DistributedDataParallel
 
-    config = TrainConfig.model_validate(loop_config["config"])
-    training = config.training
-    layout = ParallelLayout.create(training.latent_shards)
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
     torch.manual_seed(training.seed)
     if layout.latent_shards > 1:
-        sae = LatentShardedSAE(config.sae, layout, seed=training.seed).to(device)
+        sae = LatentShardedSAE(sae_config, layout, seed=training.seed).to(device)
     else:
-        sae = build_sae(config.sae).to(device)
+        sae = build_sae(sae_config).to(device)
     model = sae
     if layout.data_parallel > 1 and training.zero_stage is None:
         model = DistributedDataParallel(
@@ -81,7 +75,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             device_ids=[device] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
         )
-    os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))  # for DeepSpeed
+    return SAETrainer(
+        model,
+        total_steps=total_steps,
+        lr=training.lr,
+        sample=init_sample,
+        layout=layout,
+        zero_stage=training.zero_stage,
+    )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    training = config.training
+    layout = ParallelLayout.create(training.latent_shards)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # DeepSpeed reads it
     stream = ActivationStream(
         config.activations,
         batch_size=training.batch_size,
@@ -90,46 +103,59 @@ def train_loop_per_worker(loop_config: dict) -> None:
         part=layout.data_index,
         parts=layout.data_parallel,
     )
-    steps_per_epoch = [stream.steps_in_epoch(epoch) for epoch in range(training.epochs)]
-    trainer = SAETrainer(
-        model,
-        total_steps=sum(steps_per_epoch),
-        lr=training.lr,
-        sample=loop_config["init_sample"],
-        layout=layout,
-        zero_stage=training.zero_stage,
-    )
-    position = checkpoint.restore(config.output, trainer, layout)
+    total_steps = sum(stream.steps_in_epoch(epoch) for epoch in range(training.epochs))
+    device = ray.train.torch.get_device()
+    runs = [
+        (output, _build(sae_config, layout, training, device, loop_config["init_sample"], total_steps))
+        for output, sae_config in config.sae_runs()
+    ]
+    positions = {checkpoint.restore(output, trainer, layout) for output, trainer in runs}
+    if len(positions) > 1:
+        raise RuntimeError(f"the sweep's checkpoints under {config.output!r} are at different steps")
+    position = positions.pop()
+    steps = runs[0][1].steps
     if position != StreamPosition() and rank == 0:
-        log.warning("resuming from the checkpoint at step %d (epoch %d)", trainer.steps, position.epoch)
-    start, first_step, metrics = time.perf_counter(), trainer.steps, {}
+        log.warning("resuming from the checkpoint at step %d (epoch %d)", steps, position.epoch)
+    start, first_step, metrics = time.perf_counter(), steps, [{} for _ in runs]
     for epoch in range(position.epoch, training.epochs):
         step_in_epoch = position.step if epoch == position.epoch else 0
-        for x_bd in stream.epoch(epoch, start_step=step_in_epoch):
-            metrics = trainer.step(x_bd)
-            step_in_epoch += 1
-            if training.checkpoint_every and trainer.steps % training.checkpoint_every == 0:
-                checkpoint.save(
-                    config.output, trainer, StreamPosition(epoch, step_in_epoch), layout,
-                    training.keep_checkpoints,
-                )
-            if trainer.steps % REPORT_EVERY == 0 or trainer.steps == trainer.total_steps:
-                elapsed = time.perf_counter() - start
-                rate = (trainer.steps - first_step) * training.batch_size / elapsed
-                metrics.update(steps=trainer.steps, samples=trainer.steps * training.batch_size,
-                               samples_per_second=rate)
-                ray.train.report(metrics)
+        for x_bd in stream.epoch(epoch, start_step=step_in_epoch):  # one read of the data for every SAE
+            metrics = [trainer.step(x_bd) for _, trainer in runs]
+            steps, step_in_epoch = steps + 1, step_in_epoch + 1
+            if training.checkpoint_every and steps % training.checkpoint_every == 0:
+                reached = StreamPosition(epoch, step_in_epoch)
+                for output, trainer in runs:
+                    checkpoint.save(output, trainer, reached, layout, training.keep_checkpoints)
+            if steps % REPORT_EVERY == 0 or steps == total_steps:
+                rate = (steps - first_step) * training.batch_size / (time.perf_counter() - start)
+                samples = steps * training.batch_size
+                for run_metrics in metrics:
+                    run_metrics.update(steps=steps, samples=samples, samples_per_second=rate)
+                ray.train.report(_named(config, metrics))
                 if rank == 0:
-                    eta = (trainer.total_steps - trainer.steps) * training.batch_size / max(rate, 1e-9)
+                    eta = (total_steps - steps) * training.batch_size / max(rate, 1e-9)
                     log.warning(
-                        "step %d/%d (%.0f%%)  loss %.4g  fvu %.3f  l0 %.1f  %.0f samples/s  ETA %.0f s",
-                        trainer.steps, trainer.total_steps, 100 * trainer.steps / trainer.total_steps,
-                        metrics["loss"], metrics["fvu"], metrics["l0"], rate, eta,
+                        "step %d/%d (%.0f%%)  %.0f samples/s  ETA %.0f s  %s",
+                        steps, total_steps, 100 * steps / total_steps, rate, eta,
+                        "  ".join(f"[fvu {m['fvu']:.3f} l0 {m['l0']:.1f}]" for m in metrics),
                     )
-    full = sae.full_sae() if layout.latent_shards > 1 else sae
-    if rank == 0:
-        full.save(config.output)
-        write_run_info(config.output, "train", config, **metrics)
+    for (output, trainer), run_metrics in zip(runs, metrics, strict=True):
+        sae = trainer.sae
+        full = sae.full_sae() if layout.latent_shards > 1 else sae
+        if rank == 0:
+            full.save(output)
+            write_run_info(output, "train", config, **run_metrics)
+
+
+def _named(config: TrainConfig, metrics: list[dict[str, float]]) -> dict[str, float]:
+    """One SAE's metrics as they are; a sweep's prefixed by each SAE's folder (sweep-00/fvu, ...)."""
+    if not config.sweep:
+        return metrics[0]
+    return {
+        f"{output.rstrip('/').rsplit('/', 1)[-1]}/{key}": value
+        for (output, _), run_metrics in zip(config.sae_runs(), metrics, strict=True)
+        for key, value in run_metrics.items()
+    }
 
 
 def run_train(config: TrainConfig) -> TrainSummary:
@@ -174,11 +200,15 @@ def run_train(config: TrainConfig) -> TrainSummary:
         ),
     )
     trainer.fit()
-    metrics = dict(read_run_info(config.output)["results"])
+    results = [dict(read_run_info(output)["results"]) for output, _ in config.sae_runs()]
+    progress = {key: results[0].pop(key, 0) for key in ("steps", "samples", "samples_per_second")}
+    for run_results in results[1:]:
+        for key in progress:
+            run_results.pop(key, None)
     return TrainSummary(
         output=config.output,
-        steps=int(metrics.pop("steps", 0)),
-        samples=int(metrics.pop("samples", 0)),
-        samples_per_second=float(metrics.pop("samples_per_second", 0.0)),
-        metrics=metrics,
+        steps=int(progress["steps"]),
+        samples=int(progress["samples"]),
+        samples_per_second=float(progress["samples_per_second"]),
+        metrics=_named(config, results),
     )
