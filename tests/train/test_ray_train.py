@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlsae_ray import storage
 from vlsae_ray.activations import store
@@ -97,7 +98,13 @@ def test_killed_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, 
     root = activations(str(tmp_path / "acts"))
     options = {"num_workers": 2, "epochs": 6, "batch_size": 32, "checkpoint_every": 8}
     uninterrupted = train_config(root, str(tmp_path / "uninterrupted"), **options)
-    run_train(uninterrupted)
+    summary = run_train(uninterrupted)
+    # metrics every 10 steps and at the end, as TensorBoard scalars beside the SAE
+    events = EventAccumulator(str(tmp_path / "uninterrupted" / "tensorboard"))
+    events.Reload()
+    fvu = events.Scalars("fvu")
+    assert [e.step for e in fvu] == [*range(10, summary.steps, 10), summary.steps]
+    assert fvu[-1].value == pytest.approx(summary.metrics["fvu"])
 
     config = train_config(root, str(tmp_path / "killed"), **options)
     config_file = tmp_path / "train.yaml"

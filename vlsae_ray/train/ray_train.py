@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel
@@ -85,6 +86,32 @@ def _build(sae_config, layout: ParallelLayout, training, device, init_sample, to
     )
 
 
+class _EventLog:
+    """Rank 0's TensorBoard event files: written locally, copied to OUTPUT/tensorboard/ at each sync.
+
+    One scalar per metric and step (`sweep-00/fvu`, ... for a sweep); `tensorboard --logdir` on
+    the copied folder shows the curves.
+    """
+
+    def __init__(self, output: str):
+        import tempfile
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.output = storage.join(output, "tensorboard")
+        self.folder = tempfile.mkdtemp(prefix="vlsae-tensorboard-")
+        self.writer = SummaryWriter(self.folder)
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def sync(self) -> None:
+        self.writer.flush()
+        for path in Path(self.folder).iterdir():
+            storage.write_bytes(storage.join(self.output, path.name), path.read_bytes())
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -116,6 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps = runs[0][1].steps
     if position != StreamPosition() and rank == 0:
         log.warning("resuming from the checkpoint at step %d (epoch %d)", steps, position.epoch)
+    events = _EventLog(config.output) if rank == 0 else None
     start, first_step, metrics = time.perf_counter(), steps, [{} for _ in runs]
     for epoch in range(position.epoch, training.epochs):
         step_in_epoch = position.step if epoch == position.epoch else 0
@@ -126,19 +154,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 reached = StreamPosition(epoch, step_in_epoch)
                 for output, trainer in runs:
                     checkpoint.save(output, trainer, reached, layout, training.keep_checkpoints)
+                if events:
+                    events.sync()
             if steps % REPORT_EVERY == 0 or steps == total_steps:
                 rate = (steps - first_step) * training.batch_size / (time.perf_counter() - start)
                 samples = steps * training.batch_size
                 for run_metrics in metrics:
                     run_metrics.update(steps=steps, samples=samples, samples_per_second=rate)
                 ray.train.report(_named(config, metrics))
-                if rank == 0:
+                if events:
+                    events.add(_named(config, metrics), steps)
                     eta = (total_steps - steps) * training.batch_size / max(rate, 1e-9)
                     log.warning(
                         "step %d/%d (%.0f%%)  %.0f samples/s  ETA %.0f s  %s",
                         steps, total_steps, 100 * steps / total_steps, rate, eta,
                         "  ".join(f"[fvu {m['fvu']:.3f} l0 {m['l0']:.1f}]" for m in metrics),
                     )
+    if events:
+        events.sync()
     for (output, trainer), run_metrics in zip(runs, metrics, strict=True):
         sae = trainer.sae
         full = sae.full_sae() if layout.latent_shards > 1 else sae
