@@ -78,5 +78,5 @@ def test_bad_hook_point_and_bad_folder(backbone, tmp_path):
         hook_dims(backbone.config.model_copy(update={"model": str(tmp_path)}), ["visual_projection"])
     with pytest.raises(ValueError, match=r"reads a local folder"):
         valid_hook_points(backbone.config.model_copy(update={"model": "s3://bucket/clip"}))
-    with pytest.raises(ValueError, match=r"holds a 'clip' model, not LLaVA; use library: transformers"):
+    with pytest.raises(ValueError, match=r"holds a 'clip' model, not 'llava'; use library: transformers"):
         valid_hook_points(backbone.config.model_copy(update={"library": "llava"}))

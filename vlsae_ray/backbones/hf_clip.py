@@ -51,16 +51,23 @@ def image_preprocessor(config: BackboneConfig):
     return functools.partial(_pixels, AutoImageProcessor.from_pretrained(model_folder(config)))
 
 
-def _clip_config(config: BackboneConfig):
+def pretrained_config(config: BackboneConfig, model_type: str, fix: str):
+    """The transformers config of the model folder, checked to be of `model_type` (else: `fix`)."""
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(model_folder(config))
-    if model_config.model_type != "clip":
+    if model_config.model_type != model_type:
         raise ValueError(
-            f"backbone.model {config.model!r} holds a {model_config.model_type!r} model, not a CLIPModel; "
-            "use library: llava for LLaVA, or a folder saved from a transformers CLIPModel"
+            f"backbone.model {config.model!r} holds a {model_config.model_type!r} model, not {model_type!r}; "
+            f"{fix}"
         )
     return model_config
+
+
+def _clip_config(config: BackboneConfig):
+    return pretrained_config(
+        config, "clip", "use library: llava for LLaVA, or a folder saved from a transformers CLIPModel"
+    )
 
 
 def meta_model(config: BackboneConfig) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from vlsae_ray.backbones.hf_clip import image_preprocessor, model_folder
+from vlsae_ray.backbones.hf_clip import image_preprocessor, model_folder, pretrained_config
 from vlsae_ray.backbones.hooks import run_with_hooks
 from vlsae_ray.backbones.rows import HookOutput
 from vlsae_ray.config import BackboneConfig
@@ -31,15 +31,11 @@ IMAGE_MEAN, TEXT_MEAN = ":image_mean", ":text_mean"
 
 
 def _llava_config(config: BackboneConfig):
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(model_folder(config))
-    if model_config.model_type != "llava":
-        raise ValueError(
-            f"backbone.model {config.model!r} holds a {model_config.model_type!r} model, not LLaVA; "
-            "use library: transformers for a CLIPModel, or a folder saved from LlavaForConditionalGeneration"
-        )
-    return model_config
+    return pretrained_config(
+        config,
+        "llava",
+        "use library: transformers for a CLIPModel, or a folder saved from LlavaForConditionalGeneration",
+    )
 
 
 def meta_model(config: BackboneConfig) -> torch.nn.Module:
