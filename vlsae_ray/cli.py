@@ -4,6 +4,7 @@
     vlsae extract|train|evaluate|label -c CONFIG
     vlsae serve -c CONFIG               the HTTP API (blocks until interrupted)
     vlsae local-s3 --dir DIR            a SeaweedFS S3 server on loopback (blocks)
+    vlsae plan --d D --latents F ...    memory per worker, layout and FLOPs of latent-sharded training
 
 Each job joins the Ray cluster it runs in (`ray job submit`) or starts a local one on loopback.
 """
@@ -45,7 +46,7 @@ def _evaluate(config: EvaluateConfig):
 
 
 def _label(config: LabelConfig):
-    from vlsae_ray.interpret.top_examples import run_label
+    from vlsae_ray.interpret.label import run_label
 
     return run_label(config)
 
@@ -54,7 +55,7 @@ JOBS = {
     "extract": (ExtractConfig, _extract, "extract backbone activations into a shard dataset"),
     "train": (TrainConfig, _train, "train an SAE on an activation dataset with Ray Train"),
     "evaluate": (EvaluateConfig, _evaluate, "FVU, L0, dead latents and Monosemanticity Score of an SAE"),
-    "label": (LabelConfig, _label, "top-activating examples of every latent"),
+    "label": (LabelConfig, _label, "top examples and a name for every latent, in the concept catalog"),
 }
 
 
@@ -120,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     s3.add_argument("--dir", required=True, help="folder for its data (kept between runs)")
     s3.add_argument("--port", type=int, default=8333)
     s3.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    plan_cmd = commands.add_parser(
+        "plan", help="memory per worker, sharding layout and step FLOPs of a wide SAE on n GPUs"
+    )
+    plan_cmd.add_argument("--d", type=int, required=True, help="activation width d (1024 for CLIP ViT-L)")
+    plan_cmd.add_argument("--latents", type=int, required=True, help="number of latents F")
+    plan_cmd.add_argument("--k", type=int, required=True, help="active latents per sample")
+    plan_cmd.add_argument("--batch", type=int, required=True, help="global batch (samples per step)")
+    plan_cmd.add_argument("--dtype", default="fp32", help="weights and activations: fp32, bf16 or fp16")
+    plan_cmd.add_argument("--gpus", type=int, required=True, help="number of GPUs (workers)")
+    plan_cmd.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU in GiB")
+    plan_cmd.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0, 1 or 2 (default: try all)")
+    plan_cmd.add_argument("--aux-k", type=int, help="AuxK dead latents (default d // 2; 0: no AuxK loss)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -129,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(root=args.root, use_s3=args.s3, n_items=args.items)
         elif args.command == "serve":
             serve_forever(args.config)
+        elif args.command == "plan":
+            from vlsae_ray.train.plan import format_plan, plan
+
+            p = plan(
+                args.d, args.latents, args.k, args.batch, args.dtype, args.gpus, args.gpu_memory_gb,
+                zero_stage=args.zero_stage, aux_k=args.aux_k,
+            )
+            print(format_plan(p))
         elif args.command == "local-s3":
             run_local_s3(args.dir, args.port, tuple(args.bucket))
         else:

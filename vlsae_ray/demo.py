@@ -26,6 +26,7 @@ from vlsae_ray.config import (
     TrainConfig,
     parse_config,
 )
+from vlsae_ray.interpret.catalog import read_catalog
 from vlsae_ray.interpret.ground_truth import shared_concept
 
 DEMO_BUCKET = "vlsae-demo"
@@ -61,7 +62,13 @@ def demo_configs(root: str, backbone: BackboneConfig, n_items: int, port: int) -
             "embeddings": embeddings,
             "output": storage.join(root, "report"),
         },
-        "label": {"sae": sae, "activations": activations, "top_k": 9, "output": storage.join(root, "labels")},
+        "label": {
+            "sae": sae,
+            "activations": activations,
+            "embeddings": embeddings,
+            "top_k": 9,
+            "output": storage.join(root, "labels"),
+        },
         "serve": {
             "sae": sae,
             "backbone": backbone.model_dump(),
@@ -111,7 +118,7 @@ def _serve_check(config: ServeConfig) -> dict:
 def run_demo(root: str | None = None, use_s3: bool = False, n_items: int = 2048) -> dict:
     from vlsae_ray.activations.extract import run_extract
     from vlsae_ray.eval.evaluate import run_evaluate
-    from vlsae_ray.interpret.top_examples import run_label
+    from vlsae_ray.interpret.label import run_label
     from vlsae_ray.local_stack import SeaweedFS, connect_ray, free_port
     from vlsae_ray.train.ray_train import run_train
 
@@ -162,17 +169,19 @@ def _shutdown_ray() -> None:
 
 
 def _concept_rows(evaluate, label, top_k: int, n: int = 6) -> list[str]:
-    """The n most monosemantic latents with a full top-image set, and the concept those images share."""
+    """The n most monosemantic latents with a full top-image set: the concept those images share, and
+    the latent's name in the catalog."""
     scores = json.loads(storage.read_text(evaluate.scores))["latents"]
-    top = json.loads(storage.read_text(label.labels))["latents"]
+    catalog = read_catalog(label.catalog).to_pylist()
     full = [
-        latent for latent, score in enumerate(scores) if score is not None and len(top[str(latent)]) == top_k
+        row for row in catalog if scores[row["latent"]] is not None and len(row["top_source_ids"]) == top_k
     ]
     rows = []
-    for latent in sorted(full, key=lambda latent: -scores[latent])[:n]:
-        concept, fraction = shared_concept([example["source_id"] for example in top[str(latent)]])
+    for row in sorted(full, key=lambda row: -scores[row["latent"]])[:n]:
+        concept, fraction = shared_concept(row["top_source_ids"])
         rows.append(
-            f"latent {latent:>4}  MS {scores[latent]:.3f}  its top {top_k} images: {concept} ({fraction:.0%})"
+            f"latent {row['latent']:>4}  MS {scores[row['latent']]:.3f}  its top {top_k} images: {concept} "
+            f"({fraction:.0%}); named {row['name']!r} ({row['confidence']:.2f})"
         )
     return rows
 
@@ -184,7 +193,12 @@ def _print_summary(root: str, results: dict, timings: dict, total: float) -> Non
     top = ", ".join(f"{x['latent']}={x['activation']:.2f}" for x in served["response"]["latents"][:5])
     ms = evaluate.ms_latents_median
     rows = [
-        ("extract", f"{extract.rows} rows x 2 hook points", ", ".join(extract.datasets.values())),
+        (
+            "extract",
+            f"{extract.items} items -> {' + '.join(str(n) for n in extract.rows.values())} rows "
+            f"({len(extract.rows)} hook points), {sum(extract.skipped_items.values())} skipped",
+            ", ".join(extract.datasets.values()),
+        ),
         (
             "train",
             f"{train.steps} steps, {train.samples_per_second:.0f} samples/s, fvu {train.metrics['fvu']:.3f}",
@@ -196,7 +210,12 @@ def _print_summary(root: str, results: dict, timings: dict, total: float) -> Non
             f"median MS {ms:.3f} (neurons {evaluate.ms_neurons_median:.3f})",
             evaluate.report,
         ),
-        ("label", f"{label.latents_with_examples}/{label.n_latents} latents with top images", label.labels),
+        (
+            "label",
+            f"{label.latents_with_examples}/{label.n_latents} latents with top images, "
+            f"{label.latents_named} named",
+            label.catalog,
+        ),
         (
             "serve",
             f"POST /encode -> {served['status']}, top latents {top}; non-image -> {served['bad_status']}",

@@ -1,58 +1,213 @@
 """Extraction on a real local Ray, to a local folder and to the SeaweedFS server."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from vlsae_ray import storage
 from vlsae_ray.activations import store
 from vlsae_ray.activations.extract import run_extract
-from vlsae_ray.activations.sources import load_image, source_items
-from vlsae_ray.backbones import Backbone, builtin_backbone
-from vlsae_ray.config import ExtractConfig, SourceConfig
+from vlsae_ray.activations.sources import BadInputError, load_image, source_items
+from vlsae_ray.backbones import builtin_backbone, load_backbone
+from vlsae_ray.config import ExtractConfig, SourceConfig, TokenConfig
 
-HOOKS = ["visual.transformer.resblocks.1", "visual"]
+HOOKS = ["visual.transformer.resblocks.1", "visual", "text"]
 
 
-def extract_config(root: str, n_items: int = 48) -> ExtractConfig:
+def extract_config(root: str, n_items: int = 48, **update) -> ExtractConfig:
     backbone = builtin_backbone(storage.join(root, "world-clip.pt"))
-    return ExtractConfig.model_validate(
-        {
-            "source": {"n_items": n_items},
-            "backbone": backbone.model_dump(),
-            "hook_points": HOOKS,
-            "output": storage.join(root, "acts"),
-            "shard_rows": 16,
-            "batch_size": 8,
-        }
+    config = {
+        "source": {"n_items": n_items},
+        "backbone": backbone.model_dump(),
+        "hook_points": HOOKS,
+        "output": storage.join(root, "acts"),
+        "shard_rows": 16,
+        "batch_size": 8,
+    }
+    return ExtractConfig.model_validate(config | update)
+
+
+def direct_rows(config: ExtractConfig, images, captions, ids) -> dict:
+    """The same model's rows on the same inputs in one forward, cast to the stored dtype."""
+    backbone = load_backbone(config.backbone)
+    rows = backbone.activations(
+        config.hook_points, pixels=backbone.pixels(images), texts=captions, item_ids=ids, token=config.token
     )
+    dtype = store.DTYPES[config.dtype]
+    return {hook: (r.values.to(dtype).float(), [ids[i] for i in r.item], r.token) for hook, r in rows.items()}
+
+
+def stored_rows(dataset: str):
+    """(activations, source ids, token index) of a whole dataset; reading verifies every checksum."""
+    xs, ids, tokens = [], [], []
+    for x, source_ids, token_index in store.iter_shards(dataset):
+        xs.append(x.float())
+        ids.extend(source_ids)
+        tokens.append(token_index)
+    return torch.cat(xs), ids, torch.cat(tokens)
+
+
+def assert_matches(dataset: str, expected) -> None:
+    x, ids, tokens = stored_rows(dataset)
+    x_expected, ids_expected, tokens_expected = expected
+    assert ids == ids_expected and torch.equal(tokens, tokens_expected)
+    torch.testing.assert_close(x, x_expected, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.slow
 def test_extract_matches_direct_forward_and_resumes(ray_cluster, store_root):
     config = extract_config(store_root)
     summary = run_extract(config)
-    assert (summary.rows, summary.shards_written, summary.shards_skipped) == (48, 3, 0)
+    assert summary.rows == dict.fromkeys(HOOKS, 48)
+    assert (summary.shards_written, summary.shards_skipped, summary.skipped_items) == (3, 0, {})
 
-    backbone = Backbone(config.backbone)
     items = source_items(config.source)
-    expected = backbone.activations(backbone.pixels([load_image(item["id"]) for item in items]), HOOKS)
+    ids = [item["id"] for item in items]
+    images = [load_image(item_id) for item_id in ids]
+    expected = direct_rows(config, images, [item["caption"] for item in items], ids)
     for hook in HOOKS:
-        x, ids = store.load_activations(summary.datasets[hook])
-        assert ids == [item["id"] for item in items]  # every row traces back to its item, once, in order
-        torch.testing.assert_close(x, expected[hook].half().float(), atol=2e-3, rtol=2e-3)
+        # every row traces back to its item, once, in order; image and text rows pair row for row
+        assert_matches(summary.datasets[hook], expected[hook])
+    x, _, _ = stored_rows(summary.datasets["visual"])
+    stats = store.read_manifest(summary.datasets["visual"]).stats
+    torch.testing.assert_close(torch.tensor(stats["mean"]), x.double().mean(0).float())
+    assert stats["mean_squared_norm"] == pytest.approx(float(x.double().pow(2).sum(1).mean()), rel=1e-6)
 
     # A job killed after writing shard 2 but before committing it: the rerun writes only that shard.
     dataset = summary.datasets[HOOKS[0]]
     manifest = store.read_manifest(dataset)
-    before, _ = store.load_activations(dataset)
+    before = stored_rows(dataset)
     other_hook = store.read_manifest(summary.datasets["visual"])
-    store.commit(dataset, manifest.model_copy(update={"shards": manifest.shards[:2]}), [])
+    store.commit(dataset, manifest.model_copy(update={"shards": manifest.shards[:2], "stats": None}), [])
     storage.delete(storage.join(dataset, manifest.shards[2].name))
     rerun = run_extract(config)
     assert (rerun.shards_written, rerun.shards_skipped) == (1, 2)
-    after, after_ids = store.load_activations(dataset)
-    assert torch.equal(before, after) and len(set(after_ids)) == 48
+    after = stored_rows(dataset)
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and torch.equal(before[2], after[2])
+    assert store.read_manifest(dataset) == manifest  # same bytes (checksums), same stats
     assert store.read_manifest(summary.datasets["visual"]) == other_hook  # its committed shard 2 was kept
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet", "folder"])
+def test_file_sources_skip_bad_input_and_keep_pairs(kind, caption_dataset, ray_cluster, s3_root, tmp_path):
+    data = caption_dataset
+    root = s3_root if kind == "webdataset" else str(tmp_path)
+    source, ids = data.write(kind, storage.join(root, "data"))
+    config = extract_config(root, hook_points=["visual", "text"], shard_rows=4, batch_size=3)
+    config = config.model_copy(update={"source": source})
+    summary = run_extract(config)
+
+    bad = {data.bad_image, data.no_caption}
+    assert (summary.items, summary.rows) == (10, {"visual": 8, "text": 8})
+    assert summary.skipped_items == {"bad_image": 1, "missing_caption": 1}
+    assert [uri.rsplit("/", 1)[1] for uri in summary.unreadable_sources] in (
+        ["part-2.tar"],
+        ["part-2.parquet"],
+        ["folder-2"],
+    )
+    good = [i for i in range(10) if i not in bad]
+    expected = direct_rows(
+        config, [data.photo(i) for i in good], [data.caption(i) for i in good], [ids[i] for i in good]
+    )
+    for hook in ("visual", "text"):
+        assert_matches(summary.datasets[hook], expected[hook])
+        skipped = [record.skipped for record in store.read_manifest(summary.datasets[hook]).shards]
+        # the bad items keep their shards (item 3 in shard 0, item 7 in shard 1), with their ids
+        assert skipped == [
+            {"bad_image": [ids[data.bad_image]]},
+            {"missing_caption": [ids[data.no_caption]]},
+            {},
+        ]
+    run_info = storage.read_text(storage.join(summary.datasets["text"], "run.json"))
+    assert json.loads(run_info)["results"]["skipped_items"] == summary.skipped_items
+    assert run_extract(config).shards_written == 0
+
+
+def test_fail_fast_stops_at_the_first_bad_item(caption_dataset, ray_cluster, tmp_path):
+    source, _ = caption_dataset.write("folder", str(tmp_path / "data"))
+    config = extract_config(str(tmp_path), hook_points=["visual"], shard_rows=4, fail_fast=True)
+    with pytest.raises(ValueError, match="cannot read source file .*folder-2.*set fail_fast: false"):
+        run_extract(config.model_copy(update={"source": source}))
+    readable = source.model_copy(update={"uris": source.uris[:2]})
+    with pytest.raises(BadInputError, match=r"^item 'img-0003.png': corrupt image.*set fail_fast: false"):
+        run_extract(config.model_copy(update={"source": readable}))
+    manifest = store.read_manifest_or_none(storage.join(config.output, "visual"))
+    assert manifest is None or 0 not in [shard.index for shard in manifest.shards]  # never committed
+
+
+@pytest.mark.parametrize("token", [TokenConfig(mode="random", k=2, seed=3), TokenConfig(mode="all")])
+def test_token_modes_give_each_items_rows_through_the_pipeline(token, ray_cluster, tmp_path):
+    config = extract_config(str(tmp_path), n_items=10, token=token, shard_rows=4, batch_size=3)
+    summary = run_extract(config)
+    items = source_items(config.source)
+    ids = [item["id"] for item in items]
+    expected = direct_rows(config, [load_image(i) for i in ids], [item["caption"] for item in items], ids)
+    for hook in HOOKS:
+        assert_matches(summary.datasets[hook], expected[hook])
+    _, block_ids, block_tokens = stored_rows(summary.datasets[HOOKS[0]])
+    n_tokens = len(block_ids) // 10
+    assert n_tokens == 2 if token.mode == "random" else n_tokens > 2
+    assert block_ids == [item_id for item_id in ids for _ in range(n_tokens)]  # rows per item, items in order
+    assert len(set(zip(block_ids, block_tokens.tolist(), strict=True))) == len(block_ids)
+    assert summary.rows["visual"] == 10  # a pooled hook point gives one row per item in any mode
+
+
+SLOW_COMMITS = """
+import sys, time
+from vlsae_ray.activations import extract, store
+from vlsae_ray.config import ExtractConfig
+
+commit = store.commit
+def slow_commit(*args, **kwargs):  # widen the window between commits so the kill lands midway
+    manifest = commit(*args, **kwargs)
+    time.sleep(0.3)
+    return manifest
+extract.store.commit = slow_commit
+extract.run_extract(ExtractConfig.model_validate_json(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_job_reruns_to_every_row_exactly_once(ray_cluster, tmp_path):
+    import ray
+
+    config = extract_config(str(tmp_path), n_items=32, hook_points=HOOKS[:2], shard_rows=4)
+    reference = run_extract(config.model_copy(update={"output": str(tmp_path / "reference")}))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    job = subprocess.Popen(
+        [sys.executable, "-c", SLOW_COMMITS, config.model_dump_json()], env=env, start_new_session=True
+    )
+    dataset = storage.join(config.output, HOOKS[0])
+    try:
+        while job.poll() is None and len(getattr(store.read_manifest_or_none(dataset), "shards", [])) < 2:
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the job's own process group: the driver and its children
+        job.wait()
+    killed = [store.read_manifest(storage.join(config.output, hook)) for hook in HOOKS[:2]]
+    assert 2 <= len(killed[0].shards) < 8 and killed[0].stats is None
+    committed_in_both = {s.index for s in killed[0].shards} & {s.index for s in killed[1].shards}
+
+    rerun = run_extract(config)
+    assert (rerun.shards_written, rerun.shards_skipped) == (
+        8 - len(committed_in_both),
+        len(committed_in_both),
+    )
+    for hook in HOOKS[:2]:
+        x, ids, tokens = stored_rows(rerun.datasets[hook])  # verifies every shard's checksum
+        assert len(ids) == 32 and len(set(zip(ids, tokens.tolist(), strict=True))) == 32
+        x_ref, ids_ref, tokens_ref = stored_rows(reference.datasets[hook])
+        assert torch.equal(x, x_ref) and ids == ids_ref and torch.equal(tokens, tokens_ref)
+        assert (
+            store.read_manifest(rerun.datasets[hook]).shards
+            == store.read_manifest(reference.datasets[hook]).shards
+        )
 
 
 def test_extract_refuses_a_different_dataset_at_the_output(ray_cluster, tmp_path):

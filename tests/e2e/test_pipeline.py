@@ -4,7 +4,6 @@ Every stage's output is checked against an independent single-process computatio
 """
 
 import io
-import json
 import uuid
 
 import pytest
@@ -18,7 +17,7 @@ from vlsae_ray.backbones import Backbone
 from vlsae_ray.demo import BLOCK, EMBEDDING, demo_configs
 from vlsae_ray.eval import fvu, l0, monosemanticity_score
 from vlsae_ray.eval.evaluate import run_evaluate
-from vlsae_ray.interpret.top_examples import run_label
+from vlsae_ray.interpret import read_catalog, run_label
 from vlsae_ray.local_stack import free_port
 from vlsae_ray.sae import SparseAutoencoder, build_sae
 from vlsae_ray.train.ray_train import run_train
@@ -76,11 +75,11 @@ def test_train_evaluate_label(pipeline):
     assert "| FVU |" in storage.read_text(report.report)
 
     labels = run_label(configs["label"])
-    top = json.loads(storage.read_text(labels.labels))["latents"]
+    catalog = read_catalog(labels.catalog).to_pylist()
     for latent in range(0, 256, 17):
         order = torch.sort(z[:, latent], descending=True, stable=True).indices[:9]
         expected = [ids[i] for i in order if z[i, latent] > 0]
-        assert [example["source_id"] for example in top[str(latent)]] == expected
+        assert catalog[latent]["top_source_ids"] == expected
 
 
 def test_serve_encode_over_http(pipeline):

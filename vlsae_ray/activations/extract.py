@@ -1,14 +1,26 @@
-"""Extraction with Ray Data: images -> backbone activations at hook points -> committed shards.
+"""Extraction with Ray Data: image-caption items -> backbone activations at hook points -> committed shards.
 
-Stages: CPU tasks make and preprocess the images; an actor pool runs the model (on a GPU when
-one is visible); a group-by on the shard index collects each shard's rows, which one task
-writes per hook point; the driver commits each written shard to its dataset's manifest as it
-arrives. Item i always lands in shard i // shard_rows, so a rerun skips committed shards.
+The unit of work is a shard, one Ray Data row each, so a shard's rows stay together with no
+shuffle and the job streams (early shards are committed while later ones are still being read):
+
+1. The driver lists the source's items (`sources.list_items`); item i belongs to shard
+   i // shard_rows. Shards committed in every hook point's dataset are skipped.
+2. CPU tasks read and preprocess each remaining shard's images (`_decode_shard`). Bad input is
+   marked with its reason, never replaced by made-up pixels or text.
+3. An actor pool runs the model (`concurrency` actors, a GPU each when one is visible) over the
+   shard's good items, `batch_size` items per forward (`_Extractor`).
+4. CPU tasks write each hook point's shard (`_write_shards`); the driver commits each written shard
+   to its dataset's manifest as it arrives.
+
+An item is skipped in every hook point's dataset when any hook point lacks its input (the image
+for image hooks, the caption for text hooks), so the image-side and text-side datasets of one job
+hold the same items in the same order (the pairing VL-SAE needs; see `store`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 
 import numpy as np
@@ -17,20 +29,28 @@ from pydantic import BaseModel
 
 from vlsae_ray import storage
 from vlsae_ray.activations import store
-from vlsae_ray.activations.sources import load_image, source_items
-from vlsae_ray.backbones import Backbone, hook_dims, image_preprocessor
-from vlsae_ray.config import BackboneConfig, ExtractConfig
+from vlsae_ray.activations.sources import BadInputError, Item, list_items, read_images
+from vlsae_ray.backbones import hook_dims, image_preprocessor, load_backbone, valid_hook_points
+from vlsae_ray.backbones.backbone import LIBRARIES
+from vlsae_ray.config import BackboneConfig, ExtractConfig, SourceConfig
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
 
 log = logging.getLogger(__name__)
 
+BAD_IMAGE, MISSING_CAPTION = "bad_image", "missing_caption"
+
 
 class ExtractSummary(BaseModel):
     datasets: dict[str, str]
-    rows: int
+    rows: dict[str, int]  # per hook point
+    items: int
     shards_written: int
     shards_skipped: int
+    # items with no rows, per reason, over the whole dataset (this run and the runs it resumes)
+    skipped_items: dict[str, int]
+    # source files that could not be read at all, and why (their items are unknown)
+    unreadable_sources: dict[str, str]
 
 
 @functools.cache
@@ -38,48 +58,129 @@ def _cached_preprocessor(config: BackboneConfig):
     return image_preprocessor(config)
 
 
-def _preprocess(batch: dict[str, np.ndarray], backbone: BackboneConfig) -> dict[str, np.ndarray]:
-    preprocess = _cached_preprocessor(backbone)
-    pixels = [preprocess(load_image(str(item_id))).numpy() for item_id in batch["id"]]
-    return {**batch, "pixels": np.stack(pixels)}
+def _bad(item: dict, reason: str, detail: str, fail_fast: bool) -> None:
+    if fail_fast:
+        raise BadInputError(
+            f"item {item['id']!r}: {detail}; fix the source, or set fail_fast: false to skip bad items"
+        )
+    log.warning("skipping item %s (%s): %s", item["id"], reason, detail)
+    item["error"] = reason
+
+
+def _decode_shard(
+    batch: dict[str, np.ndarray],
+    source: SourceConfig,
+    backbone: BackboneConfig,
+    needs_pixels: bool,
+    fail_fast: bool,
+) -> dict[str, np.ndarray]:
+    """Read and preprocess one shard's images: pixels [good items, 3, H, W] as float32 bytes."""
+    items = json.loads(str(batch["items"][0]))
+    good = [item for item in items if not item["error"]]
+    pixels = []
+    if needs_pixels:
+        preprocess = _cached_preprocessor(backbone)
+        images = read_images(source, [Item(i["id"], i["caption"], i["location"], i["key"]) for i in good])
+        for item, image in zip(good, images, strict=True):
+            if isinstance(image, str):
+                _bad(item, BAD_IMAGE, image, fail_fast)
+            else:
+                pixels.append(preprocess(image))
+    pixels_nchw = torch.stack(pixels) if pixels else torch.empty(0)
+    return {
+        "shard": batch["shard"],
+        "items": np.array([json.dumps(items)]),
+        "pixels": np.array([pixels_nchw.numpy().tobytes()], dtype=object),
+        "pixels_shape": np.array([json.dumps(list(pixels_nchw.shape))]),
+    }
+
+
+def _to_bytes(x: torch.Tensor) -> bytes:
+    return x.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    if not data:  # torch.frombuffer refuses an empty buffer
+        return torch.empty(0, *shape[1:], dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(*shape)
 
 
 class _Extractor:
-    """One model replica of the actor pool."""
+    """One model replica of the actor pool: a shard's good items in, each hook point's rows out."""
 
     def __init__(self, config: ExtractConfig):
-        self.backbone = Backbone(config.backbone)
-        self.hook_points = config.hook_points
-        self.token = config.token.mode
+        self.backbone = load_backbone(config.backbone)
+        self.config = config
+        self.needs = required_inputs(config)
 
+    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.backbone.activations(
-            torch.from_numpy(batch.pop("pixels")), self.hook_points, self.token
+        config = self.config
+        items = json.loads(str(batch["items"][0]))
+        good = [item for item in items if not item["error"]]
+        pixels_nchw = _from_bytes(
+            batch["pixels"][0], torch.float32, *json.loads(str(batch["pixels_shape"][0]))
         )
-        return {**batch, **{f"act{i}": outputs[hook].numpy() for i, hook in enumerate(self.hook_points)}}
+        parts: dict[str, list] = {hook: [] for hook in config.hook_points}
+        for start in range(0, len(good), config.batch_size):
+            chunk = good[start : start + config.batch_size]
+            outputs = self.backbone.activations(
+                config.hook_points,
+                pixels=pixels_nchw[start : start + len(chunk)] if len(pixels_nchw) else None,
+                texts=[item["caption"] for item in chunk] if self.needs["texts"] else None,
+                item_ids=[item["id"] for item in chunk],
+                token=config.token,
+            )
+            for hook, rows in outputs.items():
+                # each item's rows together, items in shard order
+                order = torch.argsort(rows.item, stable=True)
+                parts[hook].append((rows.values[order], rows.item[order] + start, rows.token[order]))
+        out = {"shard": batch["shard"], "items": batch["items"]}
+        dtype = store.DTYPES[config.dtype]
+        for i, hook in enumerate(config.hook_points):
+            values, item, token = (
+                (torch.cat(column) for column in zip(*parts[hook], strict=True))
+                if good
+                else (torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32))
+            )
+            out[f"values{i}"] = np.array([_to_bytes(values.to(dtype))], dtype=object)
+            out[f"item{i}"] = np.array([_to_bytes(item.long())], dtype=object)
+            out[f"token{i}"] = np.array([_to_bytes(token.int())], dtype=object)
+        return out
 
 
-def _write_shard_group(
-    batch: dict[str, np.ndarray], datasets: dict[str, str], committed: dict[str, set[int]], dtype: str
+def _write_shards(
+    batch: dict[str, np.ndarray],
+    datasets: dict[str, str],
+    dims: dict[str, int],
+    committed: dict[str, set[int]],
+    dtype: str,
 ) -> dict[str, np.ndarray]:
-    order = np.argsort(batch["position"])
+    """Write one shard to each hook point's dataset that has not committed it; return the records."""
     index = int(batch["shard"][0])
-    source_ids = [str(batch["id"][i]) for i in order]
+    items = json.loads(str(batch["items"][0]))
+    good_ids = [item["id"] for item in items if not item["error"]]
+    skipped: dict[str, list[str]] = {}
+    for item in items:
+        if item["error"]:
+            skipped.setdefault(item["error"], []).append(item["id"])
     hooks, records = [], []
     for i, (hook, dataset) in enumerate(datasets.items()):
         if index in committed[hook]:  # committed shards are immutable, even where another hook's is not
             continue
-        # after the shuffle a tensor column may arrive as an object array of rows
-        activations_nd = np.stack([np.asarray(row, dtype=np.float32) for row in batch[f"act{i}"][order]])
-        activations = torch.from_numpy(activations_nd).to(store.DTYPES[dtype])
-        token_index = torch.zeros(len(source_ids), dtype=torch.int32)  # CLS
-        record = store.write_shard(dataset, index, activations, source_ids, token_index)
+        values_nd = _from_bytes(batch[f"values{i}"][0], store.DTYPES[dtype], -1, dims[hook])
+        item_n = _from_bytes(batch[f"item{i}"][0], torch.int64, -1)
+        token_n = _from_bytes(batch[f"token{i}"][0], torch.int32, -1)
+        source_ids = [good_ids[j] for j in item_n.tolist()]
+        record = store.write_shard(dataset, index, values_nd, source_ids, token_n, skipped)
         hooks.append(hook)
         records.append(record.model_dump_json())
-    return {"hook": np.array(hooks), "record": np.array(records)}
+    return {"hook": np.array(hooks, dtype=object), "record": np.array(records, dtype=object)}
 
 
-def _open_manifests(config: ExtractConfig, dims: dict[str, int]) -> dict[str, store.Manifest]:
+def _open_manifests(
+    config: ExtractConfig, dims: dict[str, int], items: list[Item]
+) -> dict[str, store.Manifest]:
     manifests = {}
     for hook, d in dims.items():
         dataset = storage.join(config.output, hook)
@@ -91,6 +192,8 @@ def _open_manifests(config: ExtractConfig, dims: dict[str, int]) -> dict[str, st
             token=str(config.token),
             source=config.source.model_dump(),
             shard_rows=config.shard_rows,
+            items=len(items),
+            listing=store.listing_digest([item.id for item in items]),
         )
         existing = store.read_manifest_or_none(dataset)
         if existing is not None:
@@ -107,54 +210,110 @@ def _open_manifests(config: ExtractConfig, dims: dict[str, int]) -> dict[str, st
     return manifests
 
 
+def _shard_tasks(
+    config: ExtractConfig, items: list[Item], done: set[int], needs_captions: bool
+) -> list[dict]:
+    """One row per shard still to write: its items, with those missing a needed caption marked."""
+    tasks = []
+    for index in range(-(-len(items) // config.shard_rows)):
+        if index in done:
+            continue
+        shard_items = []
+        for item in items[index * config.shard_rows : (index + 1) * config.shard_rows]:
+            row = {**item._asdict(), "error": ""}
+            if needs_captions and not item.caption:
+                _bad(row, MISSING_CAPTION, "no caption, and a text hook point needs one", config.fail_fast)
+            shard_items.append(row)
+        tasks.append({"shard": index, "items": json.dumps(shard_items)})
+    return tasks
+
+
+def _commit_as_written(ds, datasets: dict[str, str], manifests: dict[str, store.Manifest]) -> None:
+    try:
+        for row in ds.iter_rows():
+            hook, record = str(row["hook"]), store.ShardRecord.model_validate_json(row["record"])
+            for reason, ids in record.skipped.items():
+                log.warning(
+                    "shard %d of %s: skipped %d items (%s): %s", record.index, hook, len(ids), reason, ids
+                )
+            manifests[hook] = store.commit(datasets[hook], manifests[hook], [record])
+    except BadInputError as error:  # Ray's wrapper also carries the task's traceback: keep the message
+        raise BadInputError(str(getattr(error, "cause", error))) from None
+
+
+def required_inputs(config: ExtractConfig) -> dict[str, bool]:
+    """{"pixels": bool, "texts": bool}: which inputs the job's hook points read."""
+    library, modality = LIBRARIES[config.backbone.library], valid_hook_points(config.backbone)
+    needed = set().union(*(library.required_inputs(hook, modality[hook]) for hook in config.hook_points))
+    return {"pixels": "pixels" in needed, "texts": "texts" in needed}
+
+
 def run_extract(config: ExtractConfig) -> ExtractSummary:
     """Run (or resume) an extraction job on the Ray cluster this process joins (or a local one)."""
     import ray
 
     storage.check_writable(config.output)
-    dims = hook_dims(config.backbone, config.hook_points, config.token.mode)  # fails fast on a bad name
-    manifests = _open_manifests(config, dims)
+    dims = hook_dims(config.backbone, config.hook_points)  # fails fast on a bad name
+    needs = required_inputs(config)
+    listing = list_items(config.source)
+    if listing.unreadable and config.fail_fast:
+        uri, why = next(iter(listing.unreadable.items()))
+        raise BadInputError(
+            f"cannot read source file {uri!r} ({why}); fix or remove it, or set fail_fast: false to skip it"
+        )
+    manifests = _open_manifests(config, dims, listing.items)
     datasets = {hook: storage.join(config.output, hook) for hook in config.hook_points}
-    items = source_items(config.source)
-    n_shards = -(-len(items) // config.shard_rows)
-    committed_per_hook = {hook: {shard.index for shard in m.shards} for hook, m in manifests.items()}
-    committed = set.intersection(*committed_per_hook.values())
-    rows = [
-        {"id": item["id"], "shard": i // config.shard_rows, "position": i % config.shard_rows}
-        for i, item in enumerate(items)
-        if i // config.shard_rows not in committed
-    ]
-    todo = n_shards - len(committed & set(range(n_shards)))
-    log.info("extract: %d shards to write, %d already committed", todo, n_shards - todo)
-    if rows:
+    committed = {hook: {shard.index for shard in m.shards} for hook, m in manifests.items()}
+    done = set.intersection(*committed.values())
+    tasks = _shard_tasks(config, listing.items, done, needs_captions=needs["texts"])
+    n_shards = next(iter(manifests.values())).n_shards
+    log.info("extract: %d shards to write, %d already committed", len(tasks), n_shards - len(tasks))
+    if tasks:
         connect_ray()
+        # a task's BadInputError reaches the driver as itself (wrapped by Ray), not as a generic UDF error
+        ray.data.DataContext.get_current().raise_original_map_exception = True
         use_gpu = torch.cuda.is_available() and config.backbone.device != "cpu"
-        ds = ray.data.from_items(rows)
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        # CPU stages ask for less than the model actor so that Ray Data does not fuse decoding into it
         ds = ds.map_batches(
-            _preprocess, fn_kwargs={"backbone": config.backbone}, batch_size=config.batch_size
+            _decode_shard,
+            num_cpus=0.5,
+            fn_kwargs={
+                "source": config.source,
+                "backbone": config.backbone,
+                "needs_pixels": needs["pixels"],
+                "fail_fast": config.fail_fast,
+            },
+            batch_size=1,
         )
         ds = ds.map_batches(
             _Extractor,
             fn_constructor_args=(config,),
-            batch_size=config.batch_size,
+            batch_size=1,
             concurrency=config.concurrency,
             num_gpus=1 if use_gpu else 0,
         )
-        ds = ds.groupby("shard", num_partitions=min(todo, 200)).map_groups(
-            _write_shard_group,
-            fn_kwargs={"datasets": datasets, "committed": committed_per_hook, "dtype": config.dtype},
+        ds = ds.map_batches(
+            _write_shards,
+            num_cpus=0.5,
+            fn_kwargs={"datasets": datasets, "dims": dims, "committed": committed, "dtype": config.dtype},
+            batch_size=1,
         )
-        for row in ds.iter_rows():
-            hook = str(row["hook"])
-            manifests[hook] = store.commit(
-                datasets[hook], manifests[hook], [store.ShardRecord.model_validate_json(row["record"])]
-            )
+        _commit_as_written(ds, datasets, manifests)
+    skipped_items: dict[str, int] = {}
+    for record in next(iter(manifests.values())).shards:
+        for reason, ids in record.skipped.items():
+            skipped_items[reason] = skipped_items.get(reason, 0) + len(ids)
+    summary = ExtractSummary(
+        datasets=datasets,
+        rows={hook: manifest.rows for hook, manifest in manifests.items()},
+        items=len(listing.items),
+        shards_written=len(tasks),
+        shards_skipped=n_shards - len(tasks),
+        skipped_items=skipped_items,
+        unreadable_sources=listing.unreadable,
+    )
     for hook, manifest in manifests.items():  # an empty job still leaves a valid manifest
         manifests[hook] = store.commit(datasets[hook], manifest, [])
-        write_run_info(datasets[hook], "extract", config, rows=manifests[hook].rows)
-    return ExtractSummary(
-        datasets=datasets,
-        rows=next(iter(manifests.values())).rows,
-        shards_written=todo,
-        shards_skipped=n_shards - todo,
-    )
+        write_run_info(datasets[hook], "extract", config, **summary.model_dump(exclude={"datasets"}))
+    return summary

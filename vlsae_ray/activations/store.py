@@ -3,18 +3,33 @@
 Protocol (every reader and writer of activations follows it):
 
 - A dataset is a folder URI (local path, file:// or s3://) holding immutable shards and one
-  `manifest.json`.
+  `manifest.json`; it holds one hook point's activations of one model over the items of one source.
+- The source's items are listed in a fixed order (`sources.list_items`) and shard i holds the rows
+  of items [i * shard_rows, (i + 1) * shard_rows), each item's rows together and items in order.
+  The manifest records the item count and a digest of the ordered item ids (`listing`), so a
+  resumed job that would list other items is refused instead of mixing two listings.
 - A shard is one safetensors file `shards/shard-{index:06d}.safetensors` with the tensors
   `activations` [rows, d] (the dataset's dtype) and `token_index` [rows] int32, and the metadata
-  `source_ids` (a JSON list of the rows' item ids). Row r of a shard came from item
-  `source_ids[r]`, token `token_index[r]`, so every activation traces back to its input.
+  `source_ids` (a JSON list of the rows' item ids; the only metadata key, so that a shard's bytes,
+  and its checksum, are a function of its content). Row r of a shard came from item
+  `source_ids[r]`, token `token_index[r]` (-1: a pooled row, from a projection or the `mean` token
+  mode), so every activation traces back to its input. An item gives one row (token cls or mean,
+  or a hook point with one vector per item), k rows (random) or one per token (all).
+- An item with bad input (a corrupt image, a missing caption that a text hook point needs) has no
+  rows; its shard's record lists it under `skipped` with the reason. A shard may have fewer rows
+  than items, even none, but it is always written and committed, so the item -> shard map holds.
 - A shard is written whole and atomically (`storage.write_bytes`: temporary name then rename on
   disk, a single PUT on S3), then committed by listing it in the manifest with its row count and
   SHA-256. Anything in `shards/` that the manifest does not list is not part of the dataset.
 - The manifest is replaced atomically as a whole. A shard index always holds the same items, so
   a rerun of an interrupted job skips committed shard indices and never duplicates a row.
-- `stats` in the manifest holds the normalisation statistics over all committed rows: the mean
-  activation and the mean squared norm.
+- Paired datasets (VL-SAE): the image-side and text-side datasets of one job hold the same items
+  in the same shards in the same order, an item being skipped in all of them when any of them
+  lacks its input. With one row per item on both sides (cls, mean) row r of one is row r of the
+  other; with several, rows pair by (source id, position among that item's rows).
+- `stats` in the manifest holds the normalisation statistics over all rows, the mean activation
+  and the mean squared norm, set when the last shard is committed (null until then). Each shard's
+  record carries its sufficient statistics (sum, sum of squared norms of the stored values).
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -44,10 +59,12 @@ class ShardRecord(BaseModel):
     # Sufficient statistics for the normalisation pass, summed over the shard's rows.
     sum: list[float]
     sum_squared_norm: float
+    # reason -> ids of the shard's items that have no rows (bad input)
+    skipped: dict[str, list[str]] = {}
 
 
 class Manifest(BaseModel):
-    # `rows` and `stats` are derived and written for readers' convenience; they are recomputed on load.
+    # `rows` is derived and written for readers' convenience; it is recomputed on load.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     format: str = FORMAT
@@ -58,24 +75,38 @@ class Manifest(BaseModel):
     token: str
     # what decides which items land in which shard; a resumed job must use the same
     source: dict = {}
-    shard_rows: int = 0
+    shard_rows: int = Field(gt=0, description="items per shard")
+    items: int = Field(ge=0, description="items listed from the source")
+    listing: str = Field("", description="SHA-256 of the ordered item ids (`listing_digest`)")
     shards: list[ShardRecord] = []
+    stats: dict | None = None
 
     @computed_field
     @property
     def rows(self) -> int:
         return sum(shard.rows for shard in self.shards)
 
-    @computed_field
     @property
-    def stats(self) -> dict:
-        """Mean activation and mean squared norm over all committed rows."""
-        rows = max(self.rows, 1)
-        total = np.sum([shard.sum for shard in self.shards], axis=0) if self.shards else np.zeros(self.d)
-        return {
-            "mean": (total / rows).tolist(),
-            "mean_squared_norm": sum(shard.sum_squared_norm for shard in self.shards) / rows,
-        }
+    def n_shards(self) -> int:
+        return -(-self.items // self.shard_rows)
+
+    @property
+    def complete(self) -> bool:
+        return [shard.index for shard in self.shards] == list(range(self.n_shards))
+
+
+def listing_digest(item_ids: list[str]) -> str:
+    return hashlib.sha256(json.dumps(item_ids).encode()).hexdigest()
+
+
+def normalisation_stats(shards: list[ShardRecord], d: int) -> dict:
+    """Mean activation and mean squared norm over the rows of `shards` (from their sums)."""
+    rows = max(sum(shard.rows for shard in shards), 1)
+    total = np.sum([shard.sum for shard in shards], axis=0) if shards else np.zeros(d)
+    return {
+        "mean": (total / rows).tolist(),
+        "mean_squared_norm": sum(shard.sum_squared_norm for shard in shards) / rows,
+    }
 
 
 def shard_name(index: int) -> str:
@@ -101,23 +132,40 @@ def read_manifest_or_none(dataset: str) -> Manifest | None:
 
 
 def commit(dataset: str, manifest: Manifest, records: list[ShardRecord]) -> Manifest:
-    """List `records` in the manifest (by shard index, replacing none) and write it atomically."""
+    """List `records` in the manifest (by shard index, replacing none) and write it atomically.
+
+    The commit that completes the dataset also stores its normalisation statistics.
+    """
     known = {shard.index for shard in manifest.shards}
+    for record in records:
+        if not 0 <= record.index < manifest.n_shards:
+            raise ValueError(
+                f"shard index {record.index} is outside this dataset's {manifest.n_shards} shards "
+                f"({manifest.items} items, {manifest.shard_rows} per shard)"
+            )
     new = [record for record in records if record.index not in known]
     shards = sorted([*manifest.shards, *new], key=lambda shard: shard.index)
     manifest = manifest.model_copy(update={"shards": shards})
+    if manifest.complete and manifest.stats is None:
+        manifest = manifest.model_copy(update={"stats": normalisation_stats(shards, manifest.d)})
     storage.write_text(storage.join(dataset, MANIFEST), manifest.model_dump_json(indent=1))
     return manifest
 
 
 def write_shard(
-    dataset: str, index: int, activations_nd: torch.Tensor, source_ids: list[str], token_index: torch.Tensor
+    dataset: str,
+    index: int,
+    activations_nd: torch.Tensor,
+    source_ids: list[str],
+    token_index: torch.Tensor,
+    skipped: dict[str, list[str]] | None = None,
 ) -> ShardRecord:
     """Write one shard atomically and return its (not yet committed) record."""
     if activations_nd.shape[0] != len(source_ids) or token_index.shape[0] != len(source_ids):
         raise ValueError("a shard needs one source id and one token index per activation row")
     tensors = {"activations": activations_nd.contiguous(), "token_index": token_index.to(torch.int32)}
-    data = save_safetensors(tensors, metadata={"source_ids": json.dumps(source_ids), "format": FORMAT})
+    # one metadata key: safetensors writes several in no fixed order, and a rerun must write the same bytes
+    data = save_safetensors(tensors, metadata={"source_ids": json.dumps(source_ids)})
     name = shard_name(index)
     storage.write_bytes(storage.join(dataset, name), data)
     x = activations_nd.double()
@@ -128,6 +176,7 @@ def write_shard(
         sha256=hashlib.sha256(data).hexdigest(),
         sum=x.sum(0).tolist(),
         sum_squared_norm=float((x * x).sum()),
+        skipped=skipped or {},
     )
 
 
