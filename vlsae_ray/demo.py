@@ -60,6 +60,8 @@ def demo_configs(root: str, backbone: BackboneConfig, n_items: int, port: int) -
             "sae": sae,
             "activations": activations,
             "embeddings": embeddings,
+            # downstream: the CLIP's zero-shot accuracy on held-out items with the SAE spliced in
+            "zero_shot": {"backbone": backbone.model_dump(), "n_items": 500},
             "output": storage.join(root, "report"),
         },
         "label": {
@@ -186,6 +188,14 @@ def _concept_rows(evaluate, label, top_k: int, n: int = 6) -> list[str]:
     return rows
 
 
+def _zero_shot(evaluate) -> str:
+    if evaluate.zero_shot is None:
+        return "zero-shot skipped"
+    accuracy = {run: sum(acc.values()) / len(acc) for run, acc in evaluate.zero_shot.items()}
+    without, with_sae = accuracy["without"], accuracy["with_sae"]
+    return f"zero-shot accuracy {without:.3f} -> {with_sae:.3f} with the SAE spliced in"
+
+
 def _print_summary(root: str, results: dict, timings: dict, total: float) -> None:
     extract, train, evaluate, label, served = (
         results[k] for k in ("extract", "train", "evaluate", "label", "serve")
@@ -207,7 +217,7 @@ def _print_summary(root: str, results: dict, timings: dict, total: float) -> Non
         (
             "evaluate",
             f"FVU {evaluate.fvu:.3f}, L0 {evaluate.l0:.1f}, dead {evaluate.dead_fraction:.1%}, "
-            f"median MS {ms:.3f} (neurons {evaluate.ms_neurons_median:.3f})",
+            f"median MS {ms:.3f} (neurons {evaluate.ms_neurons_median:.3f}), {_zero_shot(evaluate)}",
             evaluate.report,
         ),
         (

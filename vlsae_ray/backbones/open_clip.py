@@ -12,6 +12,7 @@ caption are those up to the position the model pools (its EOT token).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -78,10 +79,20 @@ def image_preprocessor(config: BackboneConfig):
     )
 
 
+def _weightless(record: logging.LogRecord) -> bool:
+    # open_clip warns that a model without pretrained weights is random: a meta model has no weights at all
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
 def meta_model(config: BackboneConfig) -> torch.nn.Module:
     _model_config(config)
-    with torch.device("meta"):
-        return open_clip.create_model(config.model, pretrained=None, device="meta")
+    root = logging.getLogger()
+    root.addFilter(_weightless)
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(config.model, pretrained=None, device="meta")
+    finally:
+        root.removeFilter(_weightless)
 
 
 def load_model(config: BackboneConfig, device: torch.device) -> torch.nn.Module:
