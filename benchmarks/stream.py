@@ -1,0 +1,95 @@
+"""Does training ever wait on data? Rows/s streamed from S3 vs the SAE trainer's consumption rate.
+
+An activation dataset (d=512, float16, 32 shards of 4096 rows) is written to a SeaweedFS S3 server
+on loopback. Then, side by side in one process on the same 2 CPU threads:
+
+- stream: `ActivationStream` (the training job's reader: S3 GETs, checksum, safetensors decode,
+  window shuffle, float32 batches of 4096) over one epoch, consuming nothing but the batches;
+- train: `SAETrainer.step` of a TopK SAE (F = 32·d = 16384, k = 32, the library's defaults)
+  on in-memory batches of the same size.
+
+The ratio stream / train says how much faster the data arrives than training uses it (goal: at
+least 2). In a job the stream's next window is read in a background thread while training runs.
+
+    .venv/bin/python benchmarks/stream.py [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vlsae_ray import storage
+from vlsae_ray.activations import store
+from vlsae_ray.activations.reader import ActivationStream
+from vlsae_ray.local_stack import SeaweedFS
+from vlsae_ray.sae import build_sae
+from vlsae_ray.train import SAETrainer
+
+D, SHARDS, SHARD_ROWS, BATCH, TRAIN_STEPS = 512, 32, 4096, 4096, 8
+
+
+def write_dataset(root: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for index in range(SHARDS):
+        x = torch.randn(SHARD_ROWS, D, generator=g).half()
+        ids = [f"item-{index}-{r}" for r in range(SHARD_ROWS)]
+        records.append(store.write_shard(root, index, x, ids, torch.zeros(SHARD_ROWS, dtype=torch.int32)))
+    manifest = store.Manifest(
+        d=D, dtype="float16", model="bench", hook_point="h", token="cls", items=SHARDS * SHARD_ROWS,
+        shard_rows=SHARD_ROWS,
+    )
+    store.commit(root, manifest, records)
+
+
+def stream_rate(root: str) -> float:
+    stream = ActivationStream(root, batch_size=BATCH, seed=0, window_shards=4)
+    start, rows = time.perf_counter(), 0
+    for x_bd in stream.epoch(0):
+        rows += x_bd.shape[0]
+    return rows / (time.perf_counter() - start)
+
+
+def train_rate() -> float:
+    torch.manual_seed(0)
+    sae = build_sae({"architecture": "topk", "d_in": D, "n_latents": 32 * D, "k": 32})
+    x = torch.randn(2 * BATCH, D)
+    trainer = SAETrainer(sae, total_steps=TRAIN_STEPS + 1, sample=x)
+    trainer.step(x[:BATCH])  # warm-up
+    start = time.perf_counter()
+    for step in range(TRAIN_STEPS):
+        trainer.step(x[(step % 2) * BATCH : (step % 2 + 1) * BATCH])
+    return TRAIN_STEPS * BATCH / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with SeaweedFS(tempfile.mkdtemp(prefix="vlsae-bench-s3-"), buckets=("bench",)):
+        root = storage.join("s3://bench", "acts")
+        write_dataset(root)
+        streamed = stream_rate(root)
+        trained = train_rate()
+    result = {"stream_rows_per_second": streamed, "train_samples_per_second": trained}
+    lines = [
+        "| stream from S3, rows/s | SAE training, samples/s | stream / train |",
+        "| --- | --- | --- |",
+        f"| {streamed:,.0f} | {trained:,.0f} | {streamed / trained:.1f} |",
+    ]
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stream.json").write_text(json.dumps(result, indent=1))
+    (out / "stream.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
