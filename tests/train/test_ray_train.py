@@ -1,5 +1,6 @@
 """Training on Ray Train: latent-sharded workers match one process, and a killed job resumes exactly."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 import yaml
+from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlsae_ray import storage
@@ -92,7 +94,14 @@ def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
         assert_same_sae(saved, SparseAutoencoder.load(output))
 
 
-def test_killed_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, tmp_path):
+def wait_for(uri: str, finished) -> None:
+    """Until the object at `uri` exists (or the run is over, or 4 minutes have passed)."""
+    deadline = time.monotonic() + 240
+    while not storage.exists(uri) and not finished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, tmp_path):
     import ray
 
     root = activations(str(tmp_path / "acts"))
@@ -106,6 +115,22 @@ def test_killed_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, 
     assert [e.step for e in fvu] == [*range(10, summary.steps, 10), summary.steps]
     assert fvu[-1].value == pytest.approx(summary.metrics["fvu"])
 
+    # A worker killed midway: Ray Train restarts the workers, which resume from the last checkpoint.
+    total = 4 * (SHARDS * SHARD_ROWS // 32)
+    restarted = train_config(root, str(tmp_path / "restarted"), max_failures=1, **options)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run = pool.submit(run_train, restarted)
+        wait_for(storage.join(restarted.output, "checkpoints", "latest.json"), run.done)
+        alive_workers = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        workers = list_actors(address=ray_cluster, filters=alive_workers)
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        assert not run.done()
+        assert run.result(timeout=300).steps == total
+    # rank 0 started a second event log after the restart; the weights are those of an unbroken run
+    assert len(list((tmp_path / "restarted" / "tensorboard").glob("events.*"))) == 2
+    assert_same_sae(SparseAutoencoder.load(uninterrupted.output), SparseAutoencoder.load(restarted.output))
+
+    # The whole job killed midway and submitted again.
     config = train_config(root, str(tmp_path / "killed"), **options)
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -115,13 +140,10 @@ def test_killed_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, 
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     latest = storage.join(config.output, "checkpoints", "latest.json")
-    deadline = time.monotonic() + 240
-    while not storage.exists(latest) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(latest, lambda: job.poll() is not None)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and its Ray Train run, midway
     job.wait()
     killed_at = json.loads(storage.read_text(latest))["step"]
-    total = 4 * (SHARDS * SHARD_ROWS // 32)
     assert 0 < killed_at < total and not storage.exists(storage.join(config.output, "sae.safetensors"))
 
     resumed = run_train(config)  # the job resubmitted: it goes on from the checkpoint
