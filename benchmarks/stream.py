@@ -36,16 +36,7 @@ D, SHARDS, SHARD_ROWS, BATCH, TRAIN_STEPS = 512, 32, 4096, 4096, 8
 
 def write_dataset(root: str) -> None:
     g = torch.Generator().manual_seed(0)
-    records = []
-    for index in range(SHARDS):
-        x = torch.randn(SHARD_ROWS, D, generator=g).half()
-        ids = [f"item-{index}-{r}" for r in range(SHARD_ROWS)]
-        records.append(store.write_shard(root, index, x, ids, torch.zeros(SHARD_ROWS, dtype=torch.int32)))
-    manifest = store.Manifest(
-        d=D, dtype="float16", model="bench", hook_point="h", token="cls", items=SHARDS * SHARD_ROWS,
-        shard_rows=SHARD_ROWS,
-    )
-    store.commit(root, manifest, records)
+    store.write_dataset(root, [torch.randn(SHARD_ROWS, D, generator=g) for _ in range(SHARDS)])
 
 
 def stream_rate(root: str) -> float:

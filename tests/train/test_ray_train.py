@@ -31,17 +31,11 @@ def activations(root):
     """Sparse sums of 32 directions plus an offset, in 8 committed shards."""
     g = torch.Generator().manual_seed(0)
     directions = torch.randn(32, D, generator=g)
-    records = []
-    for index in range(SHARDS):
+    shards = []
+    for _ in range(SHARDS):
         codes = torch.rand(SHARD_ROWS, 32, generator=g) * (torch.rand(SHARD_ROWS, 32, generator=g) < 0.1)
-        x = (codes @ directions + 1.0).half()
-        ids = [f"item-{index}-{r}" for r in range(SHARD_ROWS)]
-        records.append(store.write_shard(root, index, x, ids, torch.zeros(SHARD_ROWS, dtype=torch.int32)))
-    manifest = store.Manifest(
-        d=D, dtype="float16", model="m", hook_point="h", token="cls", items=SHARDS * SHARD_ROWS,
-        shard_rows=SHARD_ROWS,
-    )
-    store.commit(root, manifest, records)
+        shards.append(codes @ directions + 1.0)
+    store.write_dataset(root, shards)
     return root
 
 

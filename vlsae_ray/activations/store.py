@@ -180,6 +180,26 @@ def write_shard(
     )
 
 
+def write_dataset(dataset: str, shards_nd: list[torch.Tensor], dtype: str = "float16") -> Manifest:
+    """Commit in-memory activations as a dataset, shard i holding `shards_nd[i]` (row r: source id "i/r").
+
+    For tests, benchmarks and notebooks; extraction jobs write their datasets with `run_extract`.
+    """
+    records = [
+        write_shard(
+            dataset, i, x_nd.to(DTYPES[dtype]), [f"{i}/{r}" for r in range(x_nd.shape[0])],
+            torch.full((x_nd.shape[0],), -1, dtype=torch.int32),
+        )
+        for i, x_nd in enumerate(shards_nd)
+    ]
+    shard_rows = max(x_nd.shape[0] for x_nd in shards_nd)
+    manifest = Manifest(
+        d=shards_nd[0].shape[1], dtype=dtype, model="in-memory", hook_point="in-memory", token="cls",
+        shard_rows=shard_rows, items=shard_rows * (len(shards_nd) - 1) + shards_nd[-1].shape[0],
+    )
+    return commit(dataset, manifest, records)
+
+
 def read_shard(
     dataset: str, record: ShardRecord, verify: bool = True
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
