@@ -1,6 +1,7 @@
 """Reading a committed activation dataset: as a Ray Data dataset (batch jobs) or as a training stream.
 
-`activation_dataset` is for jobs that visit every row once in any order (evaluate, label).
+`shard_dataset` is for jobs that visit every shard once in any order (label; evaluate pairs it
+with an embedding dataset).
 `ActivationStream` is for training: a deterministic order, so a run killed midway resumes at the
 exact batch it reached and the same config always sees the same batches. Ray Data's
 `streaming_split` hands blocks to whichever worker asks first, which is fast but not
@@ -19,34 +20,27 @@ import torch
 from vlsae_ray.activations import store
 
 
-def _read_shards(batch: dict[str, np.ndarray], dataset: str) -> dict[str, np.ndarray]:
-    xs, ids = [], []
-    for record_json in batch["record"]:
-        activations, source_ids, _ = store.read_shard(
-            dataset, store.ShardRecord.model_validate_json(str(record_json))
-        )
-        xs.append(activations.to(torch.float32).numpy())
-        ids.extend(source_ids)
-    return {"x": np.concatenate(xs), "source_id": np.array(ids)}
+def shard_offsets(manifest: store.Manifest) -> list[int]:
+    """The global row id of each shard's first row (shards in manifest order)."""
+    return np.concatenate([[0], np.cumsum([shard.rows for shard in manifest.shards])[:-1]]).tolist()
 
 
-def activation_dataset(dataset: str, *, shuffle_seed: int | None = None, num_cpus: float = 0.5):
-    """A Ray Data dataset with columns `x` ([d] float32) and `source_id`, one row per activation.
+def shard_dataset(dataset: str):
+    """A Ray Data dataset with one row per committed shard: its record (JSON) and first global row.
 
-    Shards are read by Ray tasks through `storage`, so any worker reads local, file:// and s3://
-    datasets alike. With `shuffle_seed`, shards are visited in a seeded random order; combine it
-    with `local_shuffle_buffer_size` when iterating for a row-level shuffle.
+    Tasks mapped over it read their shard through `storage`, so any worker reads local, file://
+    and s3:// datasets alike.
     """
     import ray
 
     manifest = store.read_manifest(dataset)
     if not manifest.shards:
         raise ValueError(f"activation dataset {dataset!r} has no committed shards")
-    records = [{"record": record.model_dump_json()} for record in manifest.shards]
-    ds = ray.data.from_items(records, override_num_blocks=len(records))
-    if shuffle_seed is not None:
-        ds = ds.randomize_block_order(seed=shuffle_seed)
-    return ds.map_batches(_read_shards, fn_kwargs={"dataset": dataset}, batch_size=1, num_cpus=num_cpus)
+    items = [
+        {"record": record.model_dump_json(), "offset": offset}
+        for record, offset in zip(manifest.shards, shard_offsets(manifest), strict=True)
+    ]
+    return ray.data.from_items(items, override_num_blocks=len(items))
 
 
 class StreamPosition(NamedTuple):

@@ -19,20 +19,19 @@ use) or another model's image features, extracted beside the activations.
 
 from __future__ import annotations
 
-import functools
 import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from vlsae_ray import storage
 from vlsae_ray.activations import store
+from vlsae_ray.activations.reader import shard_offsets
 from vlsae_ray.eval.metrics import ReconstructionStats
 from vlsae_ray.eval.monosemanticity import MonosemanticityAccumulator
 from vlsae_ray.eval.top_rows import TopRows
 from vlsae_ray.sae import MatryoshkaConfig, SparseAutoencoder
-from vlsae_ray.sae.base import WEIGHTS_FILE
+from vlsae_ray.sae.base import load_sae
 
 
 @dataclass(frozen=True)
@@ -78,16 +77,6 @@ class FirstPass:
         for uri, stats in other.stats.items():
             self.stats[uri].merge(stats)
         return self
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_sae(uri: str, version: str) -> SparseAutoencoder:
-    return SparseAutoencoder.load(uri).eval()
-
-
-def load_sae(uri: str) -> SparseAutoencoder:
-    """The SAE at `uri`, loaded once per worker process (reloaded when the checkpoint changes)."""
-    return _cached_sae(uri, storage.version(storage.join(uri, WEIGHTS_FILE)))
 
 
 def _read_pair(plan: PassPlan, record: dict) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
@@ -192,12 +181,12 @@ def _shard_dataset(plan: PassPlan):
             f"embeddings {plan.embeddings!r} and activations {plan.activations!r} have different shards; "
             "extract both from the same job (one run with both hook points)"
         )
-    offsets = np.cumsum([0] + [s.rows for s in activations.shards])
+    offsets = shard_offsets(activations)
     records = [
         {
             "activations": shard.model_dump_json(),
             "embeddings": embeddings[i].model_dump_json() if embeddings else "",
-            "offset": int(offsets[i]),
+            "offset": offsets[i],
         }
         for i, shard in enumerate(activations.shards)
     ]

@@ -22,11 +22,12 @@ from vlsae_ray.activations import store
 from vlsae_ray.config import EvaluateConfig
 from vlsae_ray.eval import plots
 from vlsae_ray.eval.concept_similarity import concept_similarity
-from vlsae_ray.eval.dataset_pass import FirstPass, PassPlan, first_pass, load_sae, ms_pass
+from vlsae_ray.eval.dataset_pass import FirstPass, PassPlan, first_pass, ms_pass
 from vlsae_ray.eval.downstream import splice_token, zero_shot_with_sae
 from vlsae_ray.eval.uniqueness import top_set_overlap
 from vlsae_ray.provenance import write_run_info
 from vlsae_ray.sae import MatryoshkaConfig, VLSAEConfig
+from vlsae_ray.sae.base import load_sae
 
 SCORES_FILE = "monosemanticity.json"
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from vlsae_ray import storage
 from vlsae_ray.activations import store
+from vlsae_ray.activations.reader import shard_dataset
 from vlsae_ray.activations.sources import source_items
 from vlsae_ray.config import BackboneConfig, LabelConfig, SourceConfig
 from vlsae_ray.interpret.catalog import CATALOG_FILE, write_catalog
@@ -29,10 +30,10 @@ from vlsae_ray.interpret.naming import (
     name_latents,
     top_image_directions,
 )
-from vlsae_ray.interpret.top_examples import TopExamples, load_sae, shard_dataset, top_examples
+from vlsae_ray.interpret.top_examples import TopExamples, top_examples
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
-from vlsae_ray.sae.base import WEIGHTS_FILE
+from vlsae_ray.sae.base import WEIGHTS_FILE, load_sae
 from vlsae_ray.world import MODEL_NAME
 
 

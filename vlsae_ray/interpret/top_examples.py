@@ -10,17 +10,15 @@ whatever the shard order, the arrival order or the batch size.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from vlsae_ray import storage
 from vlsae_ray.activations import store
-from vlsae_ray.sae import SparseAutoencoder
-from vlsae_ray.sae.base import WEIGHTS_FILE
+from vlsae_ray.activations.reader import shard_dataset
+from vlsae_ray.sae.base import load_sae
 
 # the row id of padding in a shard with fewer than k rows: its -inf value never wins
 _NO_ROW = torch.iinfo(torch.long).max
@@ -65,35 +63,6 @@ class TopExamples(NamedTuple):
     source_ids: dict[int, str]  # global row -> source id, for every row in rows_kf
     firing_count_f: torch.Tensor  # [F] rows on which each latent is positive
     rows: int  # rows in the dataset
-
-
-def shard_offsets(manifest: store.Manifest) -> list[int]:
-    """The global row id of each shard's first row (shards in manifest order)."""
-    return np.concatenate([[0], np.cumsum([shard.rows for shard in manifest.shards])[:-1]]).tolist()
-
-
-def shard_dataset(dataset: str):
-    """A Ray Data dataset with one row per committed shard: its record (JSON) and first global row."""
-    import ray
-
-    manifest = store.read_manifest(dataset)
-    if not manifest.shards:
-        raise ValueError(f"activation dataset {dataset!r} has no committed shards")
-    items = [
-        {"record": record.model_dump_json(), "offset": offset}
-        for record, offset in zip(manifest.shards, shard_offsets(manifest), strict=True)
-    ]
-    return ray.data.from_items(items, override_num_blocks=len(items))
-
-
-@functools.cache
-def _cached_sae(uri: str, version: str) -> SparseAutoencoder:  # version: a changed SAE is reloaded
-    return SparseAutoencoder.load(uri).eval()
-
-
-def load_sae(uri: str) -> SparseAutoencoder:
-    """The SAE at `uri`, loaded once per process (Ray reuses worker processes across tasks)."""
-    return _cached_sae(uri, storage.version(storage.join(uri, WEIGHTS_FILE)))
 
 
 @torch.no_grad()

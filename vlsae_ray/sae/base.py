@@ -17,6 +17,7 @@ a saved SAE has s = 1 and gives identical outputs on raw activations.
 from __future__ import annotations
 
 import abc
+import functools
 import json
 from typing import ClassVar, NamedTuple
 
@@ -289,3 +290,13 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         sae = module_cls(config)
         sae.load_state_dict(safetensors.torch.load(weights))
         return sae.to(device)
+
+
+@functools.cache
+def _load_eval(uri: str, version: str) -> SparseAutoencoder:  # version: a changed checkpoint is reloaded
+    return SparseAutoencoder.load(uri).eval()
+
+
+def load_sae(uri: str) -> SparseAutoencoder:
+    """The SAE at `uri` in eval mode, loaded once per process (Ray reuses worker processes across tasks)."""
+    return _load_eval(uri, storage.version(storage.join(uri, WEIGHTS_FILE)))
