@@ -161,9 +161,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 samples = steps * training.batch_size
                 for run_metrics in metrics:
                     run_metrics.update(steps=steps, samples=samples, samples_per_second=rate)
-                ray.train.report(_named(config, metrics))
+                named = _named(config, metrics)
+                ray.train.report(named)
                 if events:
-                    events.add(_named(config, metrics), steps)
+                    events.add(named, steps)
                     eta = (total_steps - steps) * training.batch_size / max(rate, 1e-9)
                     log.warning(
                         "step %d/%d (%.0f%%)  %.0f samples/s  ETA %.0f s  %s",
@@ -233,15 +234,12 @@ def run_train(config: TrainConfig) -> TrainSummary:
         ),
     )
     trainer.fit()
-    results = [dict(read_run_info(output)["results"]) for output, _ in config.sae_runs()]
-    progress = {key: results[0].pop(key, 0) for key in ("steps", "samples", "samples_per_second")}
-    for run_results in results[1:]:
-        for key in progress:
-            run_results.pop(key, None)
+    results = [read_run_info(output)["results"] for output, _ in config.sae_runs()]
+    progress = ("steps", "samples", "samples_per_second")  # the same for every SAE of the job
     return TrainSummary(
         output=config.output,
-        steps=int(progress["steps"]),
-        samples=int(progress["samples"]),
-        samples_per_second=float(progress["samples_per_second"]),
-        metrics=_named(config, results),
+        steps=int(results[0].get("steps", 0)),
+        samples=int(results[0].get("samples", 0)),
+        samples_per_second=float(results[0].get("samples_per_second", 0.0)),
+        metrics=_named(config, [{k: v for k, v in r.items() if k not in progress} for r in results]),
     )
