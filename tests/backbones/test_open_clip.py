@@ -101,14 +101,6 @@ def test_random_tokens_follow_the_item_not_the_batch(backbone, images):
     assert not torch.equal(other.token, alone.token)
 
 
-def test_pre_issue_5_call_gives_the_cls_rows(backbone, images):
-    pixels = backbone.pixels(images(2))
-    hook = "visual.transformer.resblocks.1"
-    legacy = backbone.activations(pixels, [hook], "cls")
-    rows = backbone.activations([hook], pixels=pixels, item_ids=["0", "1"], token=TokenConfig())
-    assert torch.equal(legacy[hook], rows[hook].values) and legacy[hook].shape == (2, 96)
-
-
 def test_missing_input_is_a_clear_error(backbone, images):
     with pytest.raises(ValueError, match=r"hook point 'ln_final' reads texts, but texts=None was passed"):
         backbone.activations(["ln_final"], pixels=backbone.pixels(images(1)), item_ids=["a"])

@@ -104,7 +104,8 @@ def test_serve_encode_over_http(pipeline):
         assert good.status_code == 200
         backbone, sae = Backbone(config.backbone), SparseAutoencoder.load(config.sae)
         with torch.no_grad():
-            z = sae.encode(backbone.activations(backbone.pixels([image]), [BLOCK])[BLOCK])[0]
+            x = backbone.activations([BLOCK], pixels=backbone.pixels([image]), item_ids=["image"])[BLOCK]
+            z = sae.encode(x.values)[0]
         values, latents = z.topk(config.top_k)
         expected = [(int(j), float(v)) for j, v in zip(latents, values, strict=True) if v > 0]
         got = [(item["latent"], item["activation"]) for item in good.json()["latents"]]

@@ -54,8 +54,8 @@ def world_sae():
         backbone = Backbone(builtin_backbone())
         with torch.no_grad():
             pixels = torch.stack([backbone.preprocess(item.image) for item in items])
-            acts = backbone.activations(pixels, [BLOCK, EMBEDDING])
-        x_nd, embeddings_ne = acts[BLOCK], acts[EMBEDDING]
+            acts = backbone.activations([BLOCK, EMBEDDING], pixels=pixels, item_ids=[i.id for i in items])
+        x_nd, embeddings_ne = acts[BLOCK].values, acts[EMBEDDING].values
         sae = build_sae(
             {"architecture": "topk", "d_in": x_nd.shape[1], "n_latents": 8 * x_nd.shape[1], "k": 16}
         )

@@ -30,8 +30,7 @@ from pydantic import BaseModel
 from vlsae_ray import storage
 from vlsae_ray.activations import store
 from vlsae_ray.activations.sources import BadInputError, Item, list_items, read_images
-from vlsae_ray.backbones import hook_dims, image_preprocessor, load_backbone, valid_hook_points
-from vlsae_ray.backbones.backbone import LIBRARIES
+from vlsae_ray.backbones import hook_dims, image_preprocessor, load_backbone, required_inputs
 from vlsae_ray.config import BackboneConfig, ExtractConfig, SourceConfig
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
@@ -90,7 +89,7 @@ def _decode_shard(
     return {
         "shard": batch["shard"],
         "items": np.array([json.dumps(items)]),
-        "pixels": np.array([pixels_nchw.numpy().tobytes()], dtype=object),
+        "pixels": np.array([_to_bytes(pixels_nchw)], dtype=object),
         "pixels_shape": np.array([json.dumps(list(pixels_nchw.shape))]),
     }
 
@@ -108,10 +107,10 @@ def _from_bytes(data: bytes, dtype: torch.dtype, *shape: int) -> torch.Tensor:
 class _Extractor:
     """One model replica of the actor pool: a shard's good items in, each hook point's rows out."""
 
-    def __init__(self, config: ExtractConfig):
+    def __init__(self, config: ExtractConfig, needs: set[str]):
         self.backbone = load_backbone(config.backbone)
         self.config = config
-        self.needs = required_inputs(config)
+        self.needs = needs
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -127,14 +126,12 @@ class _Extractor:
             outputs = self.backbone.activations(
                 config.hook_points,
                 pixels=pixels_nchw[start : start + len(chunk)] if len(pixels_nchw) else None,
-                texts=[item["caption"] for item in chunk] if self.needs["texts"] else None,
+                texts=[item["caption"] for item in chunk] if "texts" in self.needs else None,
                 item_ids=[item["id"] for item in chunk],
                 token=config.token,
             )
-            for hook, rows in outputs.items():
-                # each item's rows together, items in shard order
-                order = torch.argsort(rows.item, stable=True)
-                parts[hook].append((rows.values[order], rows.item[order] + start, rows.token[order]))
+            for hook, rows in outputs.items():  # item by item already: items stay in shard order
+                parts[hook].append((rows.values, rows.item + start, rows.token))
         out = {"shard": batch["shard"], "items": batch["items"]}
         dtype = store.DTYPES[config.dtype]
         for i, hook in enumerate(config.hook_points):
@@ -179,13 +176,12 @@ def _write_shards(
 
 
 def _open_manifests(
-    config: ExtractConfig, dims: dict[str, int], items: list[Item]
+    config: ExtractConfig, datasets: dict[str, str], dims: dict[str, int], items: list[Item]
 ) -> dict[str, store.Manifest]:
     manifests = {}
-    for hook, d in dims.items():
-        dataset = storage.join(config.output, hook)
+    for hook, dataset in datasets.items():
         fresh = store.Manifest(
-            d=d,
+            d=dims[hook],
             dtype=config.dtype,
             model=config.backbone.model,
             hook_point=hook,
@@ -211,11 +207,11 @@ def _open_manifests(
 
 
 def _shard_tasks(
-    config: ExtractConfig, items: list[Item], done: set[int], needs_captions: bool
+    config: ExtractConfig, items: list[Item], n_shards: int, done: set[int], needs_captions: bool
 ) -> list[dict]:
     """One row per shard still to write: its items, with those missing a needed caption marked."""
     tasks = []
-    for index in range(-(-len(items) // config.shard_rows)):
+    for index in range(n_shards):
         if index in done:
             continue
         shard_items = []
@@ -231,21 +227,11 @@ def _shard_tasks(
 def _commit_as_written(ds, datasets: dict[str, str], manifests: dict[str, store.Manifest]) -> None:
     try:
         for row in ds.iter_rows():
+            # skipped items were logged where they were found; their counts go into the summary
             hook, record = str(row["hook"]), store.ShardRecord.model_validate_json(row["record"])
-            for reason, ids in record.skipped.items():
-                log.warning(
-                    "shard %d of %s: skipped %d items (%s): %s", record.index, hook, len(ids), reason, ids
-                )
             manifests[hook] = store.commit(datasets[hook], manifests[hook], [record])
     except BadInputError as error:  # Ray's wrapper also carries the task's traceback: keep the message
         raise BadInputError(str(getattr(error, "cause", error))) from None
-
-
-def required_inputs(config: ExtractConfig) -> dict[str, bool]:
-    """{"pixels": bool, "texts": bool}: which inputs the job's hook points read."""
-    library, modality = LIBRARIES[config.backbone.library], valid_hook_points(config.backbone)
-    needed = set().union(*(library.required_inputs(hook, modality[hook]) for hook in config.hook_points))
-    return {"pixels": "pixels" in needed, "texts": "texts" in needed}
 
 
 def run_extract(config: ExtractConfig) -> ExtractSummary:
@@ -254,19 +240,19 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
 
     storage.check_writable(config.output)
     dims = hook_dims(config.backbone, config.hook_points)  # fails fast on a bad name
-    needs = required_inputs(config)
+    needs = required_inputs(config.backbone, config.hook_points)
     listing = list_items(config.source)
     if listing.unreadable and config.fail_fast:
         uri, why = next(iter(listing.unreadable.items()))
         raise BadInputError(
             f"cannot read source file {uri!r} ({why}); fix or remove it, or set fail_fast: false to skip it"
         )
-    manifests = _open_manifests(config, dims, listing.items)
     datasets = {hook: storage.join(config.output, hook) for hook in config.hook_points}
+    manifests = _open_manifests(config, datasets, dims, listing.items)
     committed = {hook: {shard.index for shard in m.shards} for hook, m in manifests.items()}
     done = set.intersection(*committed.values())
-    tasks = _shard_tasks(config, listing.items, done, needs_captions=needs["texts"])
     n_shards = next(iter(manifests.values())).n_shards
+    tasks = _shard_tasks(config, listing.items, n_shards, done, needs_captions="texts" in needs)
     log.info("extract: %d shards to write, %d already committed", len(tasks), n_shards - len(tasks))
     if tasks:
         connect_ray()
@@ -281,14 +267,14 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
             fn_kwargs={
                 "source": config.source,
                 "backbone": config.backbone,
-                "needs_pixels": needs["pixels"],
+                "needs_pixels": "pixels" in needs,
                 "fail_fast": config.fail_fast,
             },
             batch_size=1,
         )
         ds = ds.map_batches(
             _Extractor,
-            fn_constructor_args=(config,),
+            fn_constructor_args=(config, needs),
             batch_size=1,
             concurrency=config.concurrency,
             num_gpus=1 if use_gpu else 0,

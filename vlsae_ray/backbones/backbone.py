@@ -92,7 +92,7 @@ class Backbone:
     def activations(
         self,
         hook_points: list[str],
-        *legacy,
+        *,
         pixels: torch.Tensor | None = None,
         texts: list[str] | None = None,
         item_ids: list[str] | None = None,
@@ -103,14 +103,6 @@ class Backbone:
         `pixels` ([B, 3, H, W], from `image_preprocessor`) feed image hooks, `texts` (B captions)
         text hooks; `item_ids` name the B items (random token draws are seeded by them).
         """
-        if isinstance(hook_points, torch.Tensor):
-            # The pre-issue-5 call `activations(pixels, hook_points, token_mode)` -> {hook: [B, d]};
-            # remove once extract.py and the tests outside tests/backbones use the keyword form.
-            pixels, (hook_points, *mode) = hook_points, legacy
-            ids = [str(i) for i in range(len(pixels))]
-            token = TokenConfig.model_validate(mode[0] if mode else "cls")
-            rows = self.activations(hook_points, pixels=pixels, item_ids=ids, token=token)
-            return {name: row.values for name, row in rows.items()}
         check_hook_points(self.hook_points, hook_points)
         given = {"pixels": pixels is not None, "texts": texts is not None}
         for name in hook_points:

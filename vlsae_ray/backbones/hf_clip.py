@@ -81,8 +81,9 @@ def meta_model(config: BackboneConfig) -> torch.nn.Module:
 def load_model(config: BackboneConfig, device: torch.device) -> torch.nn.Module:
     from transformers import CLIPModel
 
-    _clip_config(config)
-    return CLIPModel.from_pretrained(model_folder(config), local_files_only=True).to(device)
+    model_config = _clip_config(config)  # checked once, and handed on instead of parsed again
+    model = CLIPModel.from_pretrained(model_folder(config), config=model_config, local_files_only=True)
+    return model.to(device)
 
 
 def load_tokenizer(config: BackboneConfig):

@@ -49,8 +49,10 @@ def meta_model(config: BackboneConfig) -> torch.nn.Module:
 def load_model(config: BackboneConfig, device: torch.device) -> torch.nn.Module:
     from transformers import LlavaForConditionalGeneration
 
-    _llava_config(config)
-    model = LlavaForConditionalGeneration.from_pretrained(model_folder(config), local_files_only=True)
+    model_config = _llava_config(config)  # checked once, and handed on instead of parsed again
+    model = LlavaForConditionalGeneration.from_pretrained(
+        model_folder(config), config=model_config, local_files_only=True
+    )
     return model.to(device)
 
 

@@ -39,7 +39,7 @@ def item_seed(seed: int, item_id: str) -> int:
 
 
 def select_rows(output: HookOutput, item_ids: list[str], token: TokenConfig) -> Activations:
-    """The rows of `output` under `token`, as float32 on the CPU."""
+    """The rows of `output` under `token`, as float32 on the CPU: item by item, in batch order."""
     x = output.x.detach().float().cpu()
     n_items = x.shape[0]
     if x.ndim == 2:
