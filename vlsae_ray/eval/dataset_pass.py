@@ -105,6 +105,7 @@ def _prefix_reconstructions(sae: SparseAutoencoder, z_bf: torch.Tensor) -> list[
 def _first_partial(batch: dict[str, np.ndarray], plan: PassPlan) -> dict[str, np.ndarray]:
     part = FirstPass()
     main = load_sae(plan.sae) if plan.sae else None
+    saes = {uri: load_sae(uri) for uri in plan.measured}  # once per task, not per batch
     for record in _records(batch):
         x_nd, e_nd, ids = _read_pair(plan, record)
         if part.neurons is None and e_nd is not None:
@@ -118,8 +119,7 @@ def _first_partial(batch: dict[str, np.ndarray], plan: PassPlan) -> dict[str, np
             x_bd, row = x_nd[start : start + plan.batch_size], record["offset"] + start
             if part.neurons is not None:
                 part.neurons.observe(x_bd)
-            for uri in plan.measured:
-                sae = load_sae(uri)
+            for uri, sae in saes.items():
                 x_hat_bd, z_bf, _ = sae(x_bd)
                 groups = len(sae.config.group_ends) if isinstance(sae.config, MatryoshkaConfig) else 0
                 stats = part.stats.setdefault(

@@ -24,6 +24,7 @@ from vlsae_ray.eval import plots
 from vlsae_ray.eval.concept_similarity import concept_similarity
 from vlsae_ray.eval.dataset_pass import FirstPass, PassPlan, first_pass, ms_pass
 from vlsae_ray.eval.downstream import splice_token, zero_shot_with_sae
+from vlsae_ray.eval.metrics import nan_to_none
 from vlsae_ray.eval.uniqueness import top_set_overlap
 from vlsae_ray.provenance import write_run_info
 from vlsae_ray.sae import MatryoshkaConfig, VLSAEConfig
@@ -63,10 +64,6 @@ class EvaluateSummary(BaseModel):
 def _median(scores: torch.Tensor) -> float | None:
     finite = scores[~scores.isnan()]
     return float(finite.median()) if finite.numel() else None
-
-
-def _nan_to_none(scores: torch.Tensor) -> list[float | None]:
-    return [None if math.isnan(value) else value for value in scores.tolist()]
 
 
 def _check_checkpoints(config: EvaluateConfig, d: int) -> None:
@@ -124,7 +121,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
         ms_neurons, ms_latents = ms_pass(plan, first)
         summary.ms_latents_median, summary.ms_neurons_median = _median(ms_latents), _median(ms_neurons)
         summary.scores = storage.join(config.output, SCORES_FILE)
-        scores = {"latents": _nan_to_none(ms_latents), "neurons": _nan_to_none(ms_neurons)}
+        scores = {"latents": nan_to_none(ms_latents), "neurons": nan_to_none(ms_neurons)}
         storage.write_text(summary.scores, json.dumps(scores))
         _write_plot(
             summary, config, "ms_histogram", plots.ms_histogram(ms_latents.numpy(), ms_neurons.numpy())

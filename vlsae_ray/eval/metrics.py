@@ -7,6 +7,8 @@ rather than averaging per-batch FVUs).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -73,3 +75,8 @@ class ReconstructionStats:
     def dead_fraction(self) -> float:
         """Latents that never fired on any row."""
         return float((~self.fired_f).double().mean())
+
+
+def nan_to_none(values: torch.Tensor) -> list[float | None]:
+    """A tensor as a JSON-ready list, NaN (an undefined score) as None."""
+    return [None if math.isnan(value) else value for value in values.tolist()]

@@ -21,6 +21,7 @@ from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import shard_dataset
 from vlsae_ray.activations.sources import source_items
 from vlsae_ray.config import BackboneConfig, LabelConfig, SourceConfig
+from vlsae_ray.eval.metrics import nan_to_none
 from vlsae_ray.interpret.catalog import CATALOG_FILE, write_catalog
 from vlsae_ray.interpret.naming import (
     Names,
@@ -125,11 +126,10 @@ def _examples(top: TopExamples, latent: int, text: dict[str, str | None] | None 
     return [text[i] if text is not None else i for i, _ in pairs], [value for _, value in pairs]
 
 
-def _names(config: LabelConfig, images: TopExamples) -> tuple[str, Names | None]:
+def _names(config: LabelConfig, images: TopExamples, vocabulary: list[str]) -> tuple[str, Names | None]:
     method = config.naming_method
     if method == "none":
         return method, None
-    vocabulary = load_vocabulary(config.vocabulary)
     encoder = TextEncoder(
         config.text_model
         or default_text_model(config.embeddings if method == "top_images" else config.activations)
@@ -143,10 +143,6 @@ def _names(config: LabelConfig, images: TopExamples) -> tuple[str, Names | None]
     return method, name_latents(directions_fd, concepts_vd, vocabulary, encoder.logit_scale)
 
 
-def _nan_to_none(values: torch.Tensor) -> list[float | None]:
-    return [None if value != value else value for value in values.tolist()]
-
-
 @torch.no_grad()
 def run_label(config: LabelConfig) -> LabelSummary:
     storage.check_writable(config.output)
@@ -156,15 +152,15 @@ def run_label(config: LabelConfig) -> LabelSummary:
             f"text_activations is for a VL-SAE, but {config.sae!r} is a {sae.config.architecture!r} SAE: "
             "remove text_activations or label a vl_sae checkpoint"
         )
-    if config.naming_method != "none":
-        load_vocabulary(config.vocabulary)  # a bad vocabulary fails before the passes
+    # a bad vocabulary fails before the passes
+    vocabulary = load_vocabulary(config.vocabulary) if config.naming_method != "none" else []
     connect_ray()
     images = top_examples(config.activations, config.sae, config.top_k, config.batch_size)
     texts = captions = None
     if config.text_activations is not None:
         texts = top_examples(config.text_activations, config.sae, config.top_k, config.batch_size)
         captions = _captions(config.text_activations, set(texts.source_ids.values()))
-    method, names = _names(config, images)
+    method, names = _names(config, images, vocabulary)
 
     n_latents = sae.config.n_latents
     columns: dict[str, list] = {name: [] for name in ("top_source_ids", "top_activations")}
@@ -183,8 +179,8 @@ def run_label(config: LabelConfig) -> LabelSummary:
         "latent": list(range(n_latents)),
         "name": names.name if names else [None] * n_latents,
         "runner_up": names.runner_up if names else [None] * n_latents,
-        "similarity": _nan_to_none(names.similarity) if names else [None] * n_latents,
-        "confidence": _nan_to_none(names.confidence) if names else [None] * n_latents,
+        "similarity": nan_to_none(names.similarity) if names else [None] * n_latents,
+        "confidence": nan_to_none(names.confidence) if names else [None] * n_latents,
         "firing_count": images.firing_count_f.tolist(),
     }
     catalog = storage.join(config.output, CATALOG_FILE)

@@ -58,17 +58,15 @@ class TextEncoder:
     """A CLIP's text tower: unit text embeddings in the space its image embeddings share."""
 
     def __init__(self, config: BackboneConfig):
-        import open_clip
-
-        from vlsae_ray.backbones import Backbone
+        from vlsae_ray.backbones import load_backbone
 
         if config.library != "open_clip":
             raise ValueError(
                 f"naming reads text embeddings from an open_clip model; text_model has library "
                 f"{config.library!r}: set text_model to an open_clip backbone config"
             )
-        self.model = Backbone(config).model
-        self.tokenizer = open_clip.get_tokenizer(config.model)
+        backbone = load_backbone(config)
+        self.model, self.tokenizer = backbone.model, backbone.tokenizer
         self.logit_scale = float(self.model.logit_scale.exp())
 
     @torch.no_grad()
