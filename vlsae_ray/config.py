@@ -186,8 +186,6 @@ class TrainingConfig(Strict):
     def _check_layout(self) -> TrainingConfig:
         if self.zero_stage and self.latent_shards > 1:
             raise ValueError("zero_stage runs on data-parallel workers only: set latent_shards: 1 or drop it")
-        if self.zero_stage and self.checkpoint_every:
-            raise ValueError("checkpoints of DeepSpeed runs are not supported yet: drop checkpoint_every")
         if self.num_workers % self.latent_shards:
             raise ValueError(
                 f"num_workers={self.num_workers} must be a multiple of latent_shards={self.latent_shards}"

@@ -88,7 +88,10 @@ def test_fit_local_is_reproducible_from_its_seed(one_thread):
 def test_lr_schedule_warms_up_holds_then_decays_to_zero():
     sae = build_sae(TOPK)
     trainer = SAETrainer(sae, total_steps=100, warmup_steps=10)
-    assert trainer.lr == pytest.approx(2e-4 / math.sqrt(64 / 2**14))
+    # Gao et al.'s width rule, raised by sqrt(2^15 / T) for a run of T < 2^15 steps
+    assert trainer.lr == pytest.approx(2e-4 / math.sqrt(64 / 2**14) * math.sqrt(2**15 / 100))
+    for long_run in (2**15, 2**17):  # long runs keep Gao et al.'s rate
+        assert SAETrainer(sae, total_steps=long_run).lr == pytest.approx(2e-4 / math.sqrt(64 / 2**14))
     factors = [trainer.lr_factor(step) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
     assert factors[10:80] == [1.0] * 70

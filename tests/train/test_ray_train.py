@@ -1,6 +1,7 @@
 """Training on Ray Train: latent-sharded workers match one process, and a killed job resumes exactly."""
 
 import concurrent.futures
+import io
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from ray.util.state import list_actors
@@ -19,7 +21,7 @@ from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import ActivationStream
 from vlsae_ray.config import TrainConfig
 from vlsae_ray.sae import SparseAutoencoder, build_sae
-from vlsae_ray.train import SAETrainer
+from vlsae_ray.train import SAETrainer, checkpoint
 from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
 from vlsae_ray.train.ray_train import INIT_SAMPLES, _init_sample, run_train
 
@@ -95,12 +97,22 @@ def wait_for(uri: str, finished) -> None:
         time.sleep(0.05)
 
 
-def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, tmp_path):
+def kill_a_worker(ray_cluster: str) -> None:
+    alive_workers = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    workers = list_actors(address=ray_cluster, filters=alive_workers)
+    os.kill(workers[-1].pid, signal.SIGKILL)
+
+
+def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, s3_root, tmp_path):
+    """DeepSpeed ZeRO-2 and DDP runs resume to the weights of an uninterrupted ZeRO-2 run.
+
+    ZeRO and DDP give the same weights (test_parallel.py), so one reference serves both.
+    """
     import ray
 
     root = activations(str(tmp_path / "acts"))
     options = {"num_workers": 2, "epochs": 4, "batch_size": 32, "checkpoint_every": 8}
-    uninterrupted = train_config(root, str(tmp_path / "uninterrupted"), **options)
+    uninterrupted = train_config(root, str(tmp_path / "uninterrupted"), zero_stage=2, **options)
     summary = run_train(uninterrupted)
     # metrics every 10 steps and at the end, as TensorBoard scalars beside the SAE
     events = EventAccumulator(str(tmp_path / "uninterrupted" / "tensorboard"))
@@ -109,22 +121,51 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     assert [e.step for e in fvu] == [*range(10, summary.steps, 10), summary.steps]
     assert fvu[-1].value == pytest.approx(summary.metrics["fvu"])
 
-    # A worker killed midway: Ray Train restarts the workers, which resume from the last checkpoint.
+    # A worker killed midway: Ray Train restarts the workers, which resume from the last checkpoint,
+    # here on S3, each from its own partition of Adam's state and the fp32 master weights.
     total = 4 * (SHARDS * SHARD_ROWS // 32)
-    restarted = train_config(root, str(tmp_path / "restarted"), max_failures=1, **options)
+    zero_options = {**options, "checkpoint_every": 12, "zero_stage": 2, "max_failures": 1}
+    zero = train_config(root, storage.join(s3_root, "zero"), **zero_options)
+    checkpoints = storage.join(zero.output, "checkpoints")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run = pool.submit(run_train, restarted)
-        wait_for(storage.join(restarted.output, "checkpoints", "latest.json"), run.done)
-        alive_workers = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        workers = list_actors(address=ray_cluster, filters=alive_workers)
-        os.kill(workers[-1].pid, signal.SIGKILL)
+        run = pool.submit(run_train, zero)
+        wait_for(storage.join(checkpoints, "latest.json"), run.done)
+        kill_a_worker(ray_cluster)
         assert not run.done()
         assert run.result(timeout=300).steps == total
-    # rank 0 started a second event log after the restart; the weights are those of an unbroken run
-    assert len(list((tmp_path / "restarted" / "tensorboard").glob("events.*"))) == 2
-    assert_same_sae(SparseAutoencoder.load(uninterrupted.output), SparseAutoencoder.load(restarted.output))
+    assert_same_sae(SparseAutoencoder.load(uninterrupted.output), SparseAutoencoder.load(zero.output))
+    # Rank 0 started a second event log after the restart, at a checkpoint (step 12 or later), not
+    # at the start: its first step is past 12, where a fresh start would report step 10.
+    bucket, prefix = storage.join(zero.output, "tensorboard").removeprefix("s3://").split("/", 1)
+    listing = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    logs = sorted(item["Key"] for item in listing)
+    assert len(logs) == 2
+    second_log = tmp_path / logs[1].rsplit("/", 1)[-1]
+    second_log.write_bytes(storage.read_bytes(f"s3://{bucket}/{logs[1]}"))
+    events = EventAccumulator(str(second_log))
+    events.Reload()
+    assert events.Scalars("fvu")[0].step > 12
+    # Each rank's trainer.pt holds its half of the fp32 master weights; together they are the SAE's.
+    info = json.loads(storage.read_text(storage.join(checkpoints, "latest.json")))
+    assert info["zero_stage"] == 2
+    folder = storage.join(checkpoints, f"step-{info['step']:09d}")
+    weights = safetensors.torch.load(storage.read_bytes(storage.join(folder, "rank-0000.safetensors")))
+    halves = [
+        torch.load(
+            io.BytesIO(storage.read_bytes(storage.join(folder, f"rank-{r:04d}.trainer.pt"))),
+            weights_only=False,
+        )["optimizer"]["single_partition_of_fp32_groups"][0]
+        for r in range(2)
+    ]
+    flat = torch.cat([weights[name].flatten() for name, _ in build_sae(zero.sae).named_parameters()])
+    assert halves[0].numel() == halves[1].numel() == flat.numel() // 2
+    torch.testing.assert_close(torch.cat(halves), flat, rtol=0, atol=0)
+    # its optimiser state is ZeRO-2 partitions: a run without ZeRO refuses it
+    ddp_trainer = SAETrainer(build_sae(zero.sae), total_steps=total)
+    with pytest.raises(ValueError, match="written with zero_stage 2, but this run has None"):
+        checkpoint.restore(zero.output, ddp_trainer, ParallelLayout(2, 1, 0, 0))
 
-    # The whole job killed midway and submitted again.
+    # A DDP job killed midway and submitted again.
     config = train_config(root, str(tmp_path / "killed"), **options)
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))

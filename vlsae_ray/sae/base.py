@@ -76,6 +76,8 @@ class SparseAutoencoder(nn.Module, abc.ABC):
     # Whether decoder columns are kept at unit norm (they carry no scale when latents do).
     unit_norm_decoder: ClassVar[bool] = True
     has_encoder_bias: ClassVar[bool] = True
+    # Whether training starts the dictionary at sample rows (`init.init_dictionary_from_data`).
+    dictionary_from_data: ClassVar[bool] = False
 
     def __init__(self, config: BaseSAEConfig):
         super().__init__()

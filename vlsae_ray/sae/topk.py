@@ -61,6 +61,7 @@ class TopKSAE(SparseAutoencoder):
     """z = ReLU(TopK(W_enc (x - b_dec) + b_enc)); loss = MSE + auxk_coef * AuxK."""
 
     config: TopKConfig
+    dictionary_from_data = True
 
     def select(self, pre_bf: torch.Tensor) -> SparseLatents:
         values_bk, indices_bk = pre_bf.topk(self.config.k, dim=-1, sorted=False)

@@ -4,12 +4,14 @@ Layout under the run's output URI:
 
     checkpoints/step-000000120/rank-0003.safetensors   that rank's SAE parameters and buffers
     checkpoints/step-000000120/rank-0003.trainer.pt    its optimiser, schedule and dead-latent state
-    checkpoints/latest.json                           {"step", "epoch", "step_in_epoch", layout}
+    checkpoints/latest.json                           {"step", "epoch", "step_in_epoch", layout, zero_stage}
 
 Every rank writes its own files (a latent shard holds a different part of the SAE; data-parallel
-ranks hold the same one, and each writes it so restoring needs no communication). After a
-barrier, rank 0 replaces `latest.json`: that write commits the checkpoint, so a run killed while
-writing resumes from the previous one. Restoring needs the same world size and latent shards.
+ranks hold the same one, and each writes it so restoring needs no communication). Under DeepSpeed
+ZeRO the optimiser state in `trainer.pt` is the rank's partition of Adam's moments and fp32
+master weights, so each rank restores exactly the part it steps. After a barrier, rank 0 replaces
+`latest.json`: that write commits the checkpoint, so a run killed while writing resumes from the
+previous one. Restoring needs the same world size, latent shards and ZeRO stage.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def save(
             "step_in_epoch": position.step,
             "data_parallel": layout.data_parallel,
             "latent_shards": layout.latent_shards,
+            "zero_stage": trainer.zero_stage,
             "kept": kept,
         }
         storage.write_text(storage.join(output, "checkpoints", LATEST), json.dumps(info))
@@ -90,15 +93,22 @@ def restore(output: str, trainer: SAETrainer, layout: ParallelLayout) -> StreamP
             f"data-parallel x {info['latent_shards']} latent-shard workers, but this run has "
             f"{layout.data_parallel} x {layout.latent_shards}; resume with that layout or use a new output"
         )
+    if info.get("zero_stage") != trainer.zero_stage:  # its optimiser state has another form
+        raise ValueError(
+            f"the checkpoint at {output!r} step {info['step']} was written with zero_stage "
+            f"{info.get('zero_stage')}, but this run has {trainer.zero_stage}; resume with that stage or use "
+            "a new output"
+        )
     rank = _rank()
     folder = _folder(output, info["step"])
     device = trainer.sae.b_dec_d.device
     weights = safetensors.torch.load(storage.read_bytes(storage.join(folder, f"rank-{rank:04d}.safetensors")))
     trainer.sae.load_state_dict({name: t.to(device) for name, t in weights.items()})
-    state = torch.load(
-        io.BytesIO(storage.read_bytes(storage.join(folder, f"rank-{rank:04d}.trainer.pt"))),
-        map_location=device,
-        weights_only=True,
-    )
+    with torch.serialization.safe_globals(trainer.state_globals()):
+        state = torch.load(
+            io.BytesIO(storage.read_bytes(storage.join(folder, f"rank-{rank:04d}.trainer.pt"))),
+            map_location=device,
+            weights_only=True,
+        )
     trainer.load_state_dict(state)
     return StreamPosition(info["epoch"], info["step_in_epoch"])

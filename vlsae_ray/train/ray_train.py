@@ -6,9 +6,10 @@ parts of each global batch and average gradients with DistributedDataParallel (g
 NCCL on GPU), or with DeepSpeed ZeRO 1/2 (`training.zero_stage`, without latent shards). Each
 data part reads its batches from the shard store (`ActivationStream`: seeded, so a resumed run
 sees exactly the batches it had left). Every `checkpoint_every` steps all ranks write a
-checkpoint beside the output (`checkpoint`); a restarted worker (Ray Train's FailureConfig) or a
-resubmitted job resumes from the latest one. Rank 0 logs progress, reports metrics to Ray Train
-and saves the trained SAE, gathered from its shards, to the output.
+checkpoint beside the output (`checkpoint`; under ZeRO each rank its own optimiser partition);
+a restarted worker (Ray Train's FailureConfig) or a resubmitted job resumes from the latest one.
+Rank 0 logs progress, reports metrics to Ray Train and saves the trained SAE, gathered from its
+shards, to the output.
 """
 
 from __future__ import annotations

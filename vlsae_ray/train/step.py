@@ -18,15 +18,26 @@ import torch.distributed as dist
 from torch import nn
 
 from vlsae_ray.sae import SparseAutoencoder, SparseLatents
+from vlsae_ray.sae.init import init_dictionary_from_data
 from vlsae_ray.train.parallel import ParallelLayout
 
 # Gao et al. 2024 (sec. A.2): a latent is dead once it has not fired for 10M tokens.
 MAX_DEAD_TOKENS = 10_000_000
 
 
-def default_lr(n_latents: int) -> float:
-    """2e-4 / sqrt(F / 2^14): the learning-rate scaling with width of Gao et al. 2024 (sec. 2.3)."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
+# Runs of at least this many steps keep Gao et al.'s rate; shorter ones take a larger one.
+LONG_RUN_STEPS = 2**15
+
+
+def default_lr(n_latents: int, total_steps: int = LONG_RUN_STEPS) -> float:
+    """2e-4 / sqrt(F / 2^14) * sqrt(max(1, 2^15 / total_steps)).
+
+    The first factor is the scaling with width of Gao et al. 2024 (sec. 2.3), a rate for long runs.
+    A run of T < 2^15 steps multiplies it by sqrt(2^15 / T), the fixed-horizon step size ∝ 1/sqrt(T):
+    Adam moves each weight by about lr per step at most, so at Gao's rate the decoder columns of a
+    short run cannot turn from their initial directions to features (benchmarks/README.md).
+    """
+    return 2e-4 / math.sqrt(n_latents / 2**14) * math.sqrt(max(1.0, LONG_RUN_STEPS / total_steps))
 
 
 class SAETrainer:
@@ -67,11 +78,12 @@ class SAETrainer:
         if sample is not None:
             init_args = (sample,) if sample_modality is None else (sample, sample_modality)
             self.sae.init_from_data(*init_args)
+            init_dictionary_from_data(self.sae, sample)
         if self.layout.data_parallel > 1:  # one initial state per data group, whatever each rank drew
             for tensor in self.sae.state_dict().values():
                 dist.broadcast(tensor, src=self.layout.data_source, group=self.layout.data_group)
         self.total_steps = total_steps
-        self.lr = default_lr(self.sae.config.n_latents) if lr is None else lr
+        self.lr = default_lr(self.sae.config.n_latents, total_steps) if lr is None else lr
         self.warmup_steps = min(1000, total_steps // 20) if warmup_steps is None else warmup_steps
         self.decay_steps = int(decay_fraction * total_steps)
         self.grad_clip = grad_clip
@@ -216,7 +228,11 @@ class SAETrainer:
         self.tokens_since_fired_f[fired_f.bool()] = 0
 
     def state_dict(self) -> dict:
-        """Everything besides the SAE weights needed to resume: optimiser, schedule, statistics."""
+        """Everything besides the SAE weights needed to resume: optimiser, schedule, statistics.
+
+        Under ZeRO the optimiser's state is this rank's partition: its slice of Adam's moments and
+        of the fp32 master weights, with DeepSpeed's bookkeeping (`state_globals` lists its classes).
+        """
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -226,8 +242,24 @@ class SAETrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.zero_stage is None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            # DeepSpeed takes every data-parallel rank's state, indexed by rank; with the layout it
+            # was saved with, each rank reads only its own entry, master weights included.
+            partitions = [state["optimizer"]] * self.layout.data_parallel
+            self.optimizer.load_state_dict(partitions, load_from_fp32_weights=True)
         self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_since_fired_f.copy_(state["tokens_since_fired_f"])
         self.dead_tokens_threshold = state["dead_tokens_threshold"]
         self.steps = state["steps"]
+
+    def state_globals(self) -> list[type]:
+        """The classes besides tensors and builtins in `state_dict()`, for `torch.load(weights_only=True)`."""
+        if self.zero_stage is None:
+            return []
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        return [LossScaler, ZeroStageEnum, fragment_address]
