@@ -5,6 +5,7 @@
     vlsae serve -c CONFIG               the HTTP API (blocks until interrupted)
     vlsae local-s3 --dir DIR            a SeaweedFS S3 server on loopback (blocks)
     vlsae plan --d D --latents F ...    memory per worker, layout and FLOPs of latent-sharded training
+    vlsae world train|eval              train the concept world's CLIP; its held-out zero-shot accuracy
 
 Each job joins the Ray cluster it runs in (`ray job submit`) or starts a local one on loopback.
 """
@@ -99,6 +100,24 @@ def run_local_s3(data_dir: str, port: int, buckets: tuple[str, ...]) -> None:
             pass
 
 
+def run_world(args: argparse.Namespace) -> None:
+    import json
+
+    from vlsae_ray.world.train import DEFAULT_STEPS, train_world_clip
+    from vlsae_ray.world.zeroshot import evaluate_world_clip
+
+    if args.world_command == "train":
+        steps = args.steps or DEFAULT_STEPS
+        result = train_world_clip(args.out, seed=args.seed, steps=steps, threads=args.threads)
+        print(
+            f"wrote {result.checkpoint}: {result.checkpoint_bytes / 2**20:.1f} MiB, "
+            f"{result.wall_time_s:.0f} s wall, final loss {result.final_loss:.3f}"
+        )
+    else:
+        checkpoint = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+        print(json.dumps(evaluate_world_clip(**checkpoint, n=args.n), indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlsae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     plan_cmd.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU in GiB")
     plan_cmd.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0, 1 or 2 (default: try all)")
     plan_cmd.add_argument("--aux-k", type=int, help="AuxK dead latents (default d // 2; 0: no AuxK loss)")
+    world = commands.add_parser("world", help="the concept world's CLIP: train it, or measure it")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    world_train = world_commands.add_parser("train", help="train the world CLIP from its seed (CPU)")
+    world_train.add_argument("--out", required=True, help="checkpoint file to write")
+    world_train.add_argument("--seed", type=int, default=0)
+    world_train.add_argument("--steps", type=int, help="default: the committed checkpoint's")
+    world_train.add_argument("--threads", type=int, default=1)
+    world_eval = world_commands.add_parser("eval", help="held-out zero-shot accuracy per attribute")
+    world_eval.add_argument("--checkpoint", help="default: the committed checkpoint")
+    world_eval.add_argument("--n", type=int, default=2000, help="held-out images to score")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -146,10 +175,19 @@ def main(argv: list[str] | None = None) -> int:
             from vlsae_ray.train.plan import format_plan, plan
 
             p = plan(
-                args.d, args.latents, args.k, args.batch, args.dtype, args.gpus, args.gpu_memory_gb,
-                zero_stage=args.zero_stage, aux_k=args.aux_k,
+                args.d,
+                args.latents,
+                args.k,
+                args.batch,
+                args.dtype,
+                args.gpus,
+                args.gpu_memory_gb,
+                zero_stage=args.zero_stage,
+                aux_k=args.aux_k,
             )
             print(format_plan(p))
+        elif args.command == "world":
+            run_world(args)
         elif args.command == "local-s3":
             run_local_s3(args.dir, args.port, tuple(args.bucket))
         else:

@@ -1,12 +1,15 @@
+import json
+import re
+
 import numpy as np
 import open_clip
 import pytest
 import torch
 
 from vlsae_ray.world.clip import CHECKPOINT_PATH, MODEL_NAME, load_world_clip, register_world_clip
-from vlsae_ray.world.concepts import ATTRIBUTES, SHAPE_WORDS
+from vlsae_ray.world.concepts import ATTRIBUTES, SHAPE_WORDS, combos
 from vlsae_ray.world.generator import generate_items
-from vlsae_ray.world.train import pixels_to_tensor, train_world_clip
+from vlsae_ray.world.train import _hard_negatives, pixels_to_tensor, train_world_clip
 from vlsae_ray.world.zeroshot import class_prompts, zero_shot_accuracy
 
 
@@ -42,9 +45,11 @@ def heldout_accuracy(world_clip):
 def test_committed_checkpoint_names_colour_and_count_of_heldout_combinations(heldout_accuracy):
     assert heldout_accuracy["colour"] >= 0.9, heldout_accuracy
     assert heldout_accuracy["count"] >= 0.8, heldout_accuracy
+    # shape is learned, if not yet to the target: 0.72 on 2000 held-out items, chance 1/6
+    assert heldout_accuracy["shape"] >= 0.6, heldout_accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="world CLIP does not yet recognise shape on held-out pairs")
+@pytest.mark.xfail(strict=True, reason="world CLIP names shape on held-out pairs 72% of the time, not yet 90%")
 def test_committed_checkpoint_names_shape_of_heldout_combinations(heldout_accuracy):
     assert heldout_accuracy["shape"] >= 0.9, heldout_accuracy
 
@@ -73,11 +78,6 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     assert torch.equal(model.visual.conv1.weight, a["visual.conv1.weight"].float())
 
 
-def test_training_on_sibling_groups_runs_and_is_recorded(tmp_path):
-    run = train_world_clip(tmp_path / "s.pt", seed=4, steps=1, batch_size=7, siblings=True, log_every=0)
-    assert torch.load(run.checkpoint, weights_only=True)["world_training"]["siblings"] is True
-
-
 def test_training_pixels_match_the_preprocess_users_get(world_clip):
     _, preprocess, _ = world_clip
     items = generate_items(4, split="test")
@@ -89,3 +89,37 @@ def test_training_pixels_match_the_preprocess_users_get(world_clip):
 def test_missing_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_world_clip"):
         load_world_clip(checkpoint=tmp_path / "absent.pt")
+
+
+def _named_shapes(texts: list[str], plural: bool) -> set[str]:
+    return {
+        shape
+        for shape, pairs in SHAPE_WORDS.items()
+        for pair in pairs
+        if any(re.search(rf"\b{pair[1 if plural else 0]}\b", t) for t in texts)
+    }
+
+
+def test_hard_negatives_swap_the_shape_to_every_other_shape_seen_in_the_items_colour():
+    seen = set(combos("train"))
+    for item in generate_items(60, split="train", seed=2):
+        negatives = _hard_negatives([item], step=0, seed=2)
+        assert negatives == _hard_negatives([item], step=0, seed=2)
+        plural = item.labels["count"] != "one"
+        if not _named_shapes([item.caption], plural):
+            assert not _named_shapes(negatives, plural), negatives
+            continue
+        # (an other-attribute negative, when the caption names that attribute, keeps the own shape)
+        swapped = _named_shapes(negatives, plural) - {item.labels["shape"]}
+        expected = {s for s in ATTRIBUTES["shape"] if (s, item.labels["colour"]) in seen}
+        assert swapped == expected - {item.labels["shape"]}, (item.caption, negatives)
+
+
+def test_world_eval_command_reports_the_held_out_accuracy(capsys):
+    from vlsae_ray.cli import main
+    from vlsae_ray.world.zeroshot import evaluate_world_clip
+
+    assert main(["world", "eval", "--n", "40"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == evaluate_world_clip(n=40)["accuracy"]
+    assert report["n_images"] == 40 and report["split"] == "test"

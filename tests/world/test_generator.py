@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from vlsae_ray.world.captions import hard_negative
 from vlsae_ray.world.concepts import ATTRIBUTES, COLOUR_WORDS, HELDOUT_COMBOS, SHAPE_WORDS, combos
-from vlsae_ray.world.generator import generate_item, generate_items, generate_siblings
+from vlsae_ray.world.generator import generate_item, generate_items
 from vlsae_ray.world.render import PALETTE
 
 
@@ -88,25 +89,52 @@ def test_heldout_split_is_exactly_the_unseen_combinations():
         assert (item.labels["shape"], item.labels["colour"]) not in HELDOUT_COMBOS
 
 
-def test_siblings_share_every_label_but_shape_and_stay_in_their_split():
-    group = generate_siblings(7, seed=3)
-    colour = group[0].labels["colour"]
-    assert [it.labels["shape"] for it in group] == [s for s, c in combos("train") if c == colour]
-    for item in group:
-        assert {**item.labels, "shape": None} == {**group[0].labels, "shape": None}
-    assert len({it.id for it in group}) == len(group)
-    again = generate_siblings(7, seed=3)
-    assert all(
-        np.array_equal(a.pixels, b.pixels) and a.caption == b.caption
-        for a, b in zip(group, again, strict=True)
-    )
-    for item in generate_siblings(7, split="test", seed=3):
-        assert (item.labels["shape"], item.labels["colour"]) in HELDOUT_COMBOS
-
-
 def test_image_size_is_configurable_and_bad_values_are_named():
     assert generate_item(0, image_size=96).pixels.shape == (96, 96, 3)
     with pytest.raises(ValueError, match="image_size=8"):
         generate_item(0, image_size=8)
     with pytest.raises(ValueError, match="'val'"):
         generate_item(0, split="val")
+
+
+def _shape_words(shape: str, plural: bool) -> list[str]:
+    return sorted({pair[1 if plural else 0] for pair in SHAPE_WORDS[shape]}, key=len, reverse=True)
+
+
+def _without(text: str, words: list[str]) -> str:
+    """`text` with the first of `words` (longest first) replaced by NOUN and every article as "a"."""
+    pattern = "|".join(re.escape(w) for w in words)
+    return re.sub(r"\ban?\b", "a", re.sub(rf"\b({pattern})\b", "NOUN", text, count=1))
+
+
+def test_shape_negative_changes_only_the_shape_word(train_items):
+    rng = np.random.default_rng(0)
+    swapped = 0
+    for item in train_items:
+        plural = item.labels["count"] != "one"
+        own = _shape_words(item.labels["shape"], plural)
+        negative = hard_negative(item.caption, item.labels, "shape", rng)
+        if "NOUN" not in _without(item.caption, own):
+            assert negative is None, item.caption  # a caption with a generic noun has no shape to swap
+            continue
+        swapped += 1
+        named = [s for s in ATTRIBUTES["shape"] if "NOUN" in _without(negative, _shape_words(s, plural))]
+        assert len(named) == 1 and named[0] != item.labels["shape"], (item.caption, negative)
+        assert _without(negative, _shape_words(named[0], plural)) == _without(item.caption, own)
+        assert not re.search(r"\ban [^aeiou]|\ba [aeiou]", negative), negative
+    assert swapped > 0.7 * len(train_items)
+
+
+def test_negative_for_a_chosen_value_names_that_value_with_the_right_article(train_items):
+    rng = np.random.default_rng(1)
+    swapped = 0
+    for item in train_items:
+        colour = "orange" if item.labels["colour"] != "orange" else "red"  # "an orange" <-> "a red"
+        negative = hard_negative(item.caption, item.labels, "colour", rng, colour)
+        if negative is None:
+            continue
+        swapped += 1
+        words = set(re.findall(r"[a-z-]+", negative))
+        assert words & set(COLOUR_WORDS[colour]) and not words & set(COLOUR_WORDS[item.labels["colour"]])
+        assert not re.search(r"\ban [^aeiou]|\ba [aeiou]", negative), negative
+    assert swapped > 0.5 * len(train_items)

@@ -69,3 +69,41 @@ def caption(labels: dict[str, str], rng: np.random.Generator) -> str:
         named = rng.random() < MENTION_P[name]
         slots[name] = _pick(rng, words[labels[name]]) if named else ""
     return tidy(_pick(rng, TEMPLATES).format(**slots))
+
+
+# Words a caption can hold for each attribute value (shapes in both numbers).
+_SWAPPABLE = {
+    "shape": {s: [w for pair in pairs for w in pair] for s, pairs in SHAPE_WORDS.items()},
+    "colour": COLOUR_WORDS,
+    "size": SIZE_WORDS,
+    "pattern": PATTERN_WORDS,
+    "position": POSITION_WORDS,
+    "background": BACKGROUND_WORDS,
+}
+
+
+def hard_negative(
+    text: str, labels: dict[str, str], attribute: str, rng: np.random.Generator, value: str | None = None
+) -> str | None:
+    """`text` with the words for `attribute` swapped to `value`'s (default: another value drawn from
+    `rng`), or None if it names none.
+
+    The swap keeps template, word order and grammatical number, so only that one attribute tells
+    the caption from its negative (NegCLIP's hard negatives, Yuksekgonul et al. 2023).
+    """
+    words = _SWAPPABLE[attribute]
+    # Longest first, so "plus signs" is matched whole rather than as "plus sign".
+    pattern = "|".join(re.escape(w) for w in sorted(words[labels[attribute]], key=len, reverse=True))
+    match = re.search(rf"\b({pattern})\b", text)
+    if match is None:
+        return None
+    if value is None:
+        other = [v for v in words if v != labels[attribute]]
+        value = other[rng.integers(len(other))]
+    if attribute == "shape":
+        plural = labels["count"] != "one"
+        new = _pick(rng, SHAPE_WORDS[value])[1 if plural else 0]
+    else:
+        new = _pick(rng, words[value])
+    swapped = text[: match.start()] + new + text[match.end() :]
+    return tidy(re.sub(r"\ban\b", "a", swapped))  # tidy puts back "an" where the new word needs it

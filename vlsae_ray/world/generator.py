@@ -14,7 +14,6 @@ from vlsae_ray.world.concepts import ATTRIBUTES, SPLITS, combos
 from vlsae_ray.world.render import render_scene
 
 DEFAULT_IMAGE_SIZE = 64
-SIBLING_STREAM = 1  # keeps sibling groups' random draws apart from single items'
 
 
 @dataclass(frozen=True)
@@ -59,27 +58,6 @@ def generate_item(
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     labels = _other_labels(*pairs[rng.integers(len(pairs))], rng)
     return _item(f"world-{split}-s{seed}-{index:08d}", labels, image_size, rng)
-
-
-def generate_siblings(
-    index: int, *, split: str = "train", seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
-) -> list[WorldItem]:
-    """Sibling group `index` of `split`: one item per shape the split pairs with one colour, every
-    other label shared, so only the shape tells the items (and their captions) apart.
-
-    Contrastive batches made of such groups cannot be solved by colour, count, position... alone,
-    which is what makes a small CLIP learn shape. A stream apart from `generate_item`'s.
-    """
-    _check_size(image_size)
-    pairs = combos(split)
-    rng = np.random.default_rng([seed, SPLITS.index(split), index, SIBLING_STREAM])
-    _, colour = pairs[rng.integers(len(pairs))]
-    shared = _other_labels("", colour, rng)
-    shapes = [s for s, c in pairs if c == colour]
-    return [
-        _item(f"world-{split}-s{seed}-g{index:08d}-{shape}", {**shared, "shape": shape}, image_size, rng)
-        for shape in shapes
-    ]
 
 
 def generate_items(

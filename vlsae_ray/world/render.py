@@ -22,7 +22,8 @@ PALETTE = {
 BACKGROUND_GRAY = {"black": 10, "gray": 90}
 NOISE_RANGE = (0, 110)  # gray noise only, so the background never carries an object colour
 COLOUR_JITTER = 12  # per channel, so colour is a region of RGB space rather than one value
-PATTERN_SHADE = 0.6  # the second tone of a pattern is the object colour darkened by this factor
+PATTERN_SHADE = 0.8  # the second tone of a pattern is the object colour darkened by this factor;
+# darker tones merge with the background and blur the outline, and with it the shape
 
 RADIUS = {"small": 0.1, "large": 0.125}  # fraction of the image side
 EXTENT = 1.15  # every outline lies within EXTENT * radius of its centre
