@@ -49,7 +49,9 @@ def test_committed_checkpoint_names_colour_and_count_of_heldout_combinations(hel
     assert heldout_accuracy["shape"] >= 0.6, heldout_accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="world CLIP names shape on held-out pairs 72% of the time, not yet 90%")
+@pytest.mark.xfail(
+    strict=True, reason="world CLIP names shape on held-out pairs 72% of the time, not yet 90%"
+)
 def test_committed_checkpoint_names_shape_of_heldout_combinations(heldout_accuracy):
     assert heldout_accuracy["shape"] >= 0.9, heldout_accuracy
 
