@@ -76,8 +76,8 @@ def init_dictionary_from_data(sae: nn.Module, sample_nd: torch.Tensor, *, chunk:
     was_training = sae.training
     sae.train()  # the training selection (BatchTopK's batch top-k); no gradients: θ stays untouched
     dot = norm = 0.0
+    b_dec_d = local.input_scale * local.b_dec_d  # in raw units, as the forward takes x and returns x_hat
     for x_bd in sample_nd.to(local.b_dec_d.device, torch.float32).split(chunk):
-        b_dec_d = local.input_scale * local.b_dec_d
         reconstruction_bd = sae(x_bd, sparse_latents=True)[0] - b_dec_d
         dot += float(((x_bd - b_dec_d) * reconstruction_bd).sum())
         norm += float(reconstruction_bd.pow(2).sum())
