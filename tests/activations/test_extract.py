@@ -1,5 +1,6 @@
 """Extraction on a real local Ray, to a local folder and to the SeaweedFS server."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from vlsae_ray import storage
-from vlsae_ray.activations import store
+from vlsae_ray.activations import extract, store
 from vlsae_ray.activations.extract import run_extract
 from vlsae_ray.activations.sources import BadInputError, load_image, source_items
 from vlsae_ray.backbones import builtin_backbone, load_backbone
@@ -158,6 +159,26 @@ def test_token_modes_give_each_items_rows_through_the_pipeline(token, ray_cluste
     assert summary.rows["visual"] == 10  # a pooled hook point gives one row per item in any mode
 
 
+def kill_test_config(root: str) -> ExtractConfig:
+    return extract_config(root, n_items=32, hook_points=HOOKS[:2], shard_rows=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory) -> dict[str, str]:
+    """The kill tests' extraction run without a kill: its datasets by hook point."""
+    return run_extract(kill_test_config(str(tmp_path_factory.mktemp("uninterrupted")))).datasets
+
+
+def assert_every_row_once(datasets: dict[str, str], reference: dict[str, str], n_rows: int) -> None:
+    """Each (item, token) stored once, with the reference run's values, shards and checksums."""
+    for hook, dataset in datasets.items():
+        x, ids, tokens = stored_rows(dataset)  # verifies every shard's checksum
+        assert len(ids) == n_rows and len(set(zip(ids, tokens.tolist(), strict=True))) == n_rows
+        x_ref, ids_ref, tokens_ref = stored_rows(reference[hook])
+        assert torch.equal(x, x_ref) and ids == ids_ref and torch.equal(tokens, tokens_ref)
+        assert store.read_manifest(dataset).shards == store.read_manifest(reference[hook]).shards
+
+
 SLOW_COMMITS = """
 import sys, time
 from vlsae_ray.activations import extract, store
@@ -174,11 +195,10 @@ extract.run_extract(ExtractConfig.model_validate_json(sys.argv[1]))
 
 
 @pytest.mark.slow
-def test_a_killed_job_reruns_to_every_row_exactly_once(ray_cluster, tmp_path):
+def test_a_killed_job_reruns_to_every_row_exactly_once(ray_cluster, uninterrupted, tmp_path):
     import ray
 
-    config = extract_config(str(tmp_path), n_items=32, hook_points=HOOKS[:2], shard_rows=4)
-    reference = run_extract(config.model_copy(update={"output": str(tmp_path / "reference")}))
+    config = kill_test_config(str(tmp_path))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     job = subprocess.Popen(
         [sys.executable, "-c", SLOW_COMMITS, config.model_dump_json()], env=env, start_new_session=True
@@ -199,15 +219,76 @@ def test_a_killed_job_reruns_to_every_row_exactly_once(ray_cluster, tmp_path):
         8 - len(committed_in_both),
         len(committed_in_both),
     )
-    for hook in HOOKS[:2]:
-        x, ids, tokens = stored_rows(rerun.datasets[hook])  # verifies every shard's checksum
-        assert len(ids) == 32 and len(set(zip(ids, tokens.tolist(), strict=True))) == 32
-        x_ref, ids_ref, tokens_ref = stored_rows(reference.datasets[hook])
-        assert torch.equal(x, x_ref) and ids == ids_ref and torch.equal(tokens, tokens_ref)
-        assert (
-            store.read_manifest(rerun.datasets[hook]).shards
-            == store.read_manifest(reference.datasets[hook]).shards
-        )
+    assert_every_row_once(rerun.datasets, uninterrupted, n_rows=32)
+
+
+@pytest.mark.slow
+def test_a_killed_model_actor_is_replaced_and_every_row_lands_once(
+    ray_cluster, uninterrupted, tmp_path, monkeypatch
+):
+    from ray.util.state import list_actors
+
+    config = kill_test_config(str(tmp_path))
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    started.touch()
+    gate.write_text("1")  # batches a model process may start before it waits (while the gate exists)
+
+    class GatedExtractor(extract._Extractor):  # a local class: Ray ships it to the actor by value
+        calls = 0
+
+        def __call__(self, batch):
+            with started.open("a") as log:  # which model process started which shard
+                log.write(f"{int(batch['shard'][0])} {os.getpid()}\n")
+            self.calls += 1
+            while gate.exists() and self.calls > int(gate.read_text() or 0):
+                time.sleep(0.02)
+            return super().__call__(batch)
+
+    def batches() -> list[tuple[int, int]]:  # (shard, model process id) per batch started
+        return [tuple(map(int, line.split())) for line in started.read_text().splitlines()]
+
+    def written(shard: int) -> bool:  # in the last hook point's dataset, written last
+        return storage.exists(storage.join(config.output, HOOKS[1], store.shard_name(shard)))
+
+    monkeypatch.setattr(extract, "_Extractor", GatedExtractor)
+    dataset = storage.join(config.output, HOOKS[0])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(run_extract, config)
+        try:
+            # Let the actor take one batch more each time the shards it took are written, until one is
+            # committed (the driver commits a shard once the next one is written); it then waits
+            # inside its next batch.
+            allowed = 1
+            while not job.done():
+                taken = batches()
+                if len(taken) > allowed:  # the actor waits inside its next batch
+                    if store.read_manifest_or_none(dataset) is not None:
+                        break
+                    if all(written(shard) for shard, _ in taken[:-1]):
+                        allowed += 1
+                        gate.write_text(str(allowed))
+                time.sleep(0.05)
+            before = batches()
+            committed_before_kill = len(store.read_manifest(dataset).shards)
+            model_actor = ("class_name", "=", "MapWorker(MapBatches(GatedExtractor))")
+            (actor,) = list_actors(ray_cluster, filters=[("state", "=", "ALIVE"), model_actor])
+            assert {pid for _, pid in before} == {actor.pid}
+            os.kill(actor.pid, signal.SIGKILL)
+        finally:
+            gate.unlink()
+        summary = job.result(timeout=120)
+
+    # one run wrote every shard; the kill landed midway, inside a batch
+    assert (summary.shards_written, summary.shards_skipped) == (8, 0)
+    assert 1 <= committed_before_kill < len(before) < 8
+    with pytest.raises(ProcessLookupError):
+        os.kill(actor.pid, 0)  # the killed process is gone
+    # a new process took the interrupted batch and every one not yet done, each once
+    after = batches()[len(before) :]
+    (new_pid,) = {pid for _, pid in after}
+    assert new_pid != actor.pid
+    assert sorted(shard for shard, _ in after) == sorted(set(range(8)) - {shard for shard, _ in before[:-1]})
+    assert_every_row_once(summary.datasets, uninterrupted, n_rows=32)
 
 
 def test_extract_refuses_a_different_dataset_at_the_output(ray_cluster, tmp_path):
