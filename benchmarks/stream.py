@@ -1,15 +1,17 @@
 """Does training ever wait on data? Rows/s streamed from S3 vs the SAE trainer's consumption rate.
 
 An activation dataset (d=512, float16, 32 shards of 4096 rows) is written to a SeaweedFS S3 server
-on loopback. Then, side by side in one process on the same 2 CPU threads:
+on loopback. Then, one after the other on the same machine (torch on 2 threads):
 
-- stream: `ActivationStream` (the training job's reader: S3 GETs, checksum, safetensors decode,
-  window shuffle, float32 batches of 4096) over one epoch, consuming nothing but the batches;
+- stream: `ActivationStream` (the training job's reader: a Ray Data dataset on a local Ray whose
+  read tasks do the S3 GETs, checksum, safetensors decode, window shuffle and float32 conversion,
+  cut into batches of 4096 in this process) over one epoch, Ray Data's start included, consuming
+  nothing but the batches; after a first epoch that starts Ray's worker processes, as in a job;
 - train: `SAETrainer.step` of a TopK SAE (F = 32·d = 16384, k = 32, the library's defaults)
   on in-memory batches of the same size.
 
 The ratio stream / train says how much faster the data arrives than training uses it (goal: at
-least 2). In a job the stream's next window is read in a background thread while training runs.
+least 2). In a job the stream's read tasks read the next windows while training runs.
 
     .venv/bin/python benchmarks/stream.py [--out benchmarks/results]
 """
@@ -27,7 +29,7 @@ import torch
 from vlsae_ray import storage
 from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import ActivationStream
-from vlsae_ray.local_stack import SeaweedFS
+from vlsae_ray.local_stack import SeaweedFS, connect_ray
 from vlsae_ray.sae import build_sae
 from vlsae_ray.train import SAETrainer
 
@@ -41,8 +43,10 @@ def write_dataset(root: str) -> None:
 
 def stream_rate(root: str) -> float:
     stream = ActivationStream(root, batch_size=BATCH, seed=0, window_shards=4)
+    for _ in stream.epoch(0):  # warm-up
+        pass
     start, rows = time.perf_counter(), 0
-    for x_bd in stream.epoch(0):
+    for x_bd in stream.epoch(1):
         rows += x_bd.shape[0]
     return rows / (time.perf_counter() - start)
 
@@ -67,6 +71,7 @@ def main() -> None:
     with SeaweedFS(tempfile.mkdtemp(prefix="vlsae-bench-s3-"), buckets=("bench",)):
         root = storage.join("s3://bench", "acts")
         write_dataset(root)
+        connect_ray()  # after the S3 server starts, so Ray's workers get its endpoint
         streamed = stream_rate(root)
         trained = train_rate()
     result = {"stream_rows_per_second": streamed, "train_samples_per_second": trained}

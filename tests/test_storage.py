@@ -1,4 +1,8 @@
+import collections
+import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +78,122 @@ def test_version_changes_with_the_object(store_root):
     assert storage.version(uri) == first
     storage.write_bytes(uri, b"two!")
     assert storage.version(uri) != first
+
+
+@contextlib.contextmanager
+def s3_calls():
+    """Counts the S3 API calls made inside the block, by operation name."""
+    calls = collections.Counter()
+
+    def count(model, **_):
+        calls[model.name] += 1
+
+    events = storage.s3_client().meta.events
+    events.register("before-call.s3", count)
+    try:
+        yield calls
+    finally:
+        events.unregister("before-call.s3", count)
+
+
+def test_list_prefix_lists_a_folder_at_any_depth(store_root):
+    folder = storage.join(store_root, "m")
+    inside = [storage.join(folder, name) for name in ("z.bin", "a.json", "sub/b.bin", "sub/deeper/c")]
+    for uri in [*inside, storage.join(store_root, "m-2", "x"), storage.join(store_root, "top")]:
+        storage.write_bytes(uri, uri.encode())
+    listed = storage.list_prefix(folder)
+    assert list(listed) == sorted(inside)  # not m-2/x, not the sibling file
+    assert listed == {uri: storage.version(uri) for uri in inside}
+    assert storage.list_prefix(folder + "/") == listed
+    assert storage.list_prefix(storage.join(store_root, "nothing-here")) == {}
+
+
+def test_list_prefix_pages_through_s3(s3_root):
+    uris = [storage.join(s3_root, f"{i:04d}") for i in range(1003)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda uri: storage.write_bytes(uri, b"x"), uris))
+    with s3_calls() as calls:
+        listed = storage.list_prefix(s3_root)
+    assert list(listed) == uris
+    assert calls == {"ListObjectsV2": 2}  # the server's page is 1000 objects
+
+
+def test_list_prefix_of_a_missing_bucket_is_a_clear_error(s3_server):
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' .* does not exist"):
+        storage.list_prefix("s3://no-such-bucket/models")
+
+
+FOLDER = {"config.json": b"{}", "model.safetensors": b"w" * 100_000, "sub/vocab.txt": b"a\nb"}
+
+
+def write_folder(prefix: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(prefix, name), data)
+
+
+def folder_files(folder: str) -> dict[str, bytes]:
+    root = Path(folder)
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()
+    }
+
+
+def test_local_folder_of_a_local_uri_is_itself(tmp_path):
+    assert storage.local_folder(f"file://{tmp_path}") == str(tmp_path)
+    assert storage.local_folder(str(tmp_path / "m")) == str(tmp_path / "m")
+
+
+def test_local_folder_downloads_an_s3_folder_once(s3_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
+    prefix = storage.join(s3_root, "model")
+    write_folder(prefix, FOLDER)
+    with s3_calls() as first:
+        folder = storage.local_folder(prefix)
+    assert folder_files(folder) == FOLDER and first["ListObjectsV2"] == 1 and first["GetObject"] >= 3
+    with s3_calls() as second:
+        assert storage.local_folder(prefix + "/") == folder
+    assert second == {"ListObjectsV2": 1}  # a cache hit: one listing, no downloads
+
+    small = storage.local_folder(prefix, skip_suffixes=(".safetensors",))
+    assert small != folder and folder_files(small) == {
+        k: v for k, v in FOLDER.items() if k != "model.safetensors"
+    }
+
+    storage.write_bytes(storage.join(prefix, "config.json"), b'{"changed": 1}')  # a new ETag
+    changed = storage.local_folder(prefix)
+    assert changed not in (folder, small) and folder_files(changed)["config.json"] == b'{"changed": 1}'
+    assert folder_files(folder) == FOLDER  # the old copy is left as it was
+    assert sorted(path.name for path in (tmp_path / "cache" / "folders").iterdir()) == sorted(
+        Path(path).name for path in (folder, small, changed)
+    )
+
+
+def test_local_folder_failing_midway_leaves_nothing_half_written(s3_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
+    prefix = storage.join(s3_root, "model")
+    write_folder(prefix, FOLDER)
+    client, downloads = storage.s3_client(), []
+    real_download = client.download_file
+
+    def download_then_fail(**kwargs):
+        if downloads:
+            raise ConnectionResetError("connection lost")
+        downloads.append(kwargs["Key"])
+        real_download(**kwargs)
+
+    monkeypatch.setattr(client, "download_file", download_then_fail)
+    with pytest.raises(ConnectionResetError):
+        storage.local_folder(prefix)
+    assert downloads and list((tmp_path / "cache" / "folders").iterdir()) == []
+    monkeypatch.setattr(client, "download_file", real_download)
+    assert folder_files(storage.local_folder(prefix)) == FOLDER
+
+
+def test_local_folder_racing_loaders_share_one_copy(s3_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
+    prefix = storage.join(s3_root, "model")
+    write_folder(prefix, FOLDER)
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: storage.local_folder(prefix), range(4)))
+    assert len(set(folders)) == 1 and folder_files(folders[0]) == FOLDER
+    assert [path.name for path in (tmp_path / "cache" / "folders").iterdir()] == [Path(folders[0]).name]

@@ -29,7 +29,8 @@ class SourceConfig(Strict):
 
     File sources (webdataset, parquet, folder) are read through `vlsae_ray.storage`, so each URI
     is a local path, file:// or s3://. A `{000..099}` range in a URI expands to one URI per number,
-    as in webdataset (`shards/train-{0000..0127}.tar`).
+    as in webdataset (`shards/train-{0000..0127}.tar`); then `*` and `?` globs expand to the
+    matching files and folders, sorted (`s3://bucket/laion/*.tar`).
     """
 
     kind: Literal["world", "package_photos", "webdataset", "parquet", "folder"] = Field(
@@ -92,8 +93,9 @@ class BackboneConfig(Strict):
     )
     model: str = Field(
         description="open_clip: model name (e.g. ViT-B-32 or the built-in world-clip); transformers and "
-        "llava: a local folder (path or file:// URI) holding the model's save_pretrained files, with its "
-        "image processor and tokenizer saved beside it"
+        "llava: a folder (path, file:// or s3:// URI) holding the model's save_pretrained files, with its "
+        "image processor and tokenizer saved beside it; an s3:// folder is downloaded once per machine "
+        "into $VLSAE_CACHE (default ~/.cache/vlsae)"
     )
     pretrained: str | None = Field(
         None,
@@ -142,6 +144,11 @@ class ExtractConfig(Strict):
     )
     batch_size: int = Field(64, gt=0, description="items per model forward")
     concurrency: int = Field(1, gt=0, description="model actors")
+    cpu_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads of a model actor on CPU; None: its node's CPUs / concurrency",
+    )
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     fail_fast: bool = Field(
         False,
@@ -154,7 +161,9 @@ class TrainingConfig(Strict):
     batch_size: int = Field(1024, gt=0, description="global batch size (split across data-parallel workers)")
     epochs: int = Field(1, gt=0)
     seed: int = 0
-    lr: float | None = Field(None, gt=0, description="None: 2e-4 / sqrt(n_latents / 2**14)")
+    lr: float | None = Field(
+        None, gt=0, description="None: train.step.default_lr (2e-4 / sqrt(n_latents / 2**14), more if short)"
+    )
     num_workers: int = Field(2, gt=0, description="Ray Train workers: data_parallel x latent_shards")
     latent_shards: int = Field(
         1,
@@ -164,6 +173,9 @@ class TrainingConfig(Strict):
     )
     window_shards: int = Field(
         4, gt=0, description="activation shards whose rows are shuffled together (the shuffle window)"
+    )
+    read_tasks: int = Field(
+        2, gt=0, description="windows each data-parallel part reads at once, ahead of training (Ray Data)"
     )
     checkpoint_every: int | None = Field(
         None, gt=0, description="steps between checkpoints under OUTPUT/checkpoints (None: none)"

@@ -9,12 +9,19 @@ endpoint we use path-style addressing, which S3-compatible servers need.
 Writes are whole-object and atomic: a local write goes to a temporary name in the same folder
 and is renamed over the target; an S3 PUT is atomic by itself. A reader never sees half an
 object, and a failure halfway leaves what was there before.
+
+A prefix is a folder: `list_prefix("s3://b/models/clip")` lists the objects under `models/clip/`,
+at any depth. Libraries that can only read a local folder get one from `local_folder`, which
+copies an s3:// prefix into this machine's cache (`cache_dir`) once per version of its objects.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -150,13 +157,86 @@ def exists(uri: str) -> bool:
     return _local_path(uri).exists()
 
 
+def _local_version(stat: os.stat_result) -> str:
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
 def version(uri: str) -> str:
     """A string that changes whenever the object changes (S3 ETag; size and mtime on disk)."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         return _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)["ETag"].strip('"')
-    stat = _local_path(uri).stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
+    return _local_version(_local_path(uri).stat())
+
+
+def list_prefix(prefix: str) -> dict[str, str]:
+    """{URI: its `version`} of every object under the folder `prefix`, at any depth, sorted by URI.
+
+    A prefix with no objects, or a missing local folder, lists nothing; a missing bucket is a
+    StorageError. On S3 this is one LIST request per 1000 objects, and the versions come with it.
+    """
+    if is_s3(prefix):
+        bucket, key = _split_s3(prefix)
+        folder = f"{key.strip('/')}/" if key.strip("/") else ""
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
+        objects = _s3_call(prefix, lambda: [obj for page in pages for obj in page.get("Contents", [])])
+        # a key ending in "/" is a folder marker some tools write, not a file
+        found = {f"s3://{bucket}/{obj['Key']}": obj["ETag"].strip('"') for obj in objects}
+        return {uri: found[uri] for uri in sorted(found) if not uri.endswith("/")}
+    root, found = _local_path(prefix), {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            found[join(prefix, path.relative_to(root).as_posix())] = _local_version(path.stat())
+    return dict(sorted(found.items()))
+
+
+def cache_dir() -> Path:
+    """This machine's cache of downloaded objects: $VLSAE_CACHE, else ~/.cache/vlsae."""
+    return Path(os.environ.get("VLSAE_CACHE", Path.home() / ".cache" / "vlsae"))
+
+
+def local_folder(prefix: str, skip_suffixes: tuple[str, ...] = ()) -> str:
+    """A local folder holding the objects under `prefix`, for libraries that read only folders.
+
+    A local URI is its own folder. An s3:// prefix is copied, without the objects whose names end
+    in `skip_suffixes`, into `cache_dir()/folders/KEY`, KEY a hash of the endpoint, the prefix and
+    every copied object's name and ETag: a cache hit costs one listing and no downloads, and a
+    changed object makes a fresh copy. The copy is written to a temporary sibling folder and
+    renamed into place, so loaders racing on one machine, or one killed midway, never leave a
+    half-written folder under KEY.
+    """
+    if not is_s3(prefix):
+        return str(_local_path(prefix))
+    prefix = prefix.rstrip("/")
+    objects = {
+        uri[len(prefix) + 1 :]: etag
+        for uri, etag in list_prefix(prefix).items()
+        if not uri.endswith(skip_suffixes)
+    }
+    for name in objects:
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise StorageError(f"object {name!r} under {prefix!r} has no safe local file name")
+    key = hashlib.sha256(json.dumps([s3_endpoint(), prefix, objects]).encode()).hexdigest()[:16]
+    target = cache_dir() / "folders" / key
+    if target.is_dir():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
+    try:
+        for name in objects:
+            uri, path = join(prefix, name), partial / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            bucket, object_key = _split_s3(uri)
+            _s3_call(uri, s3_client().download_file, Bucket=bucket, Key=object_key, Filename=str(path))
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not target.is_dir():  # else another loader on this machine renamed its copy first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
 
 
 def delete(uri: str) -> None:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -96,3 +97,46 @@ def test_expand_uris():
         "y.tar",
     ]
     assert expand_uris(["{0..1}/{0..1}"]) == ["0/0", "0/1", "1/0", "1/1"]
+
+
+def test_expand_uris_globs(store_root):
+    names = [
+        "a/x-1.tar",
+        "a/x-2.tar",
+        "a/x-10.tar",
+        "a/y-1.tar",
+        "a/sub/x-3.tar",
+        "b/x-1.tar",
+        "c/f/captions.jsonl",
+    ]
+    for name in [*names, "s-0/p.tar", "s-1/q.tar", "s-2/r.tar"]:
+        storage.write_bytes(storage.join(store_root, name), b"")
+
+    def expand(*patterns):
+        return expand_uris([storage.join(store_root, pattern) for pattern in patterns])
+
+    def uris(*names):
+        return [storage.join(store_root, name) for name in names]
+
+    assert expand("a/x-*.tar") == uris("a/x-1.tar", "a/x-10.tar", "a/x-2.tar")  # sorted as strings
+    assert expand("a/x-?.tar", "b/x-1.tar") == uris("a/x-1.tar", "a/x-2.tar", "b/x-1.tar")
+    assert expand("*/x-1.tar") == uris("a/x-1.tar", "b/x-1.tar")  # any segment; `*` stops at "/"
+    assert expand("c/*") == uris("c/f")  # folders match too (folder sources)
+    assert expand("s-{0..1}/*.tar") == uris("s-0/p.tar", "s-1/q.tar")  # ranges first, then globs
+    pattern = storage.join(store_root, "a/z-*.tar")
+    with pytest.raises(ValueError, match=f"source URI pattern {re.escape(repr(pattern))} matches no file"):
+        expand_uris([pattern])
+
+
+def test_expand_uris_globs_relative_and_file_uris(tmp_path, monkeypatch):
+    for name in ["x-1.tar", "x-2.tar", "d/y.tar"]:
+        storage.write_bytes(str(tmp_path / name), b"")
+    monkeypatch.chdir(tmp_path)
+    assert expand_uris(["x-*.tar", "*/y.tar"]) == ["x-1.tar", "x-2.tar", "d/y.tar"]
+    assert expand_uris([f"file://{tmp_path}/*/*.tar"]) == [f"file://{tmp_path}/d/y.tar"]
+
+
+def test_webdataset_glob_lists_what_its_range_lists(caption_dataset, s3_root):
+    config, _ = caption_dataset.write("webdataset", s3_root)
+    globbed = config.model_copy(update={"uris": [storage.join(s3_root, "part-*.tar")]})
+    assert list_items(globbed) == list_items(config)

@@ -1,4 +1,5 @@
-"""The training stream: parts split each epoch without overlap, and a resumed stream repeats nothing."""
+"""The training stream (a Ray Data dataset per part, on a real local Ray): parts split each epoch
+without overlap, and a resumed stream repeats nothing."""
 
 import torch
 
@@ -20,7 +21,7 @@ def rows_of(batches):
     return [int(r) for batch in batches for r in batch[:, 0]]
 
 
-def test_parts_split_each_epoch_without_overlap_or_repeats(tmp_path):
+def test_parts_split_each_epoch_without_overlap_or_repeats(tmp_path, ray_cluster):
     total = numbered_dataset(str(tmp_path))
     for epoch in range(2):
         streams = [
@@ -41,7 +42,20 @@ def test_parts_split_each_epoch_without_overlap_or_repeats(tmp_path):
     assert orders[0] == orders[1] != orders[2]
 
 
-def test_resumed_stream_continues_with_the_same_batches(tmp_path):
+def test_windows_read_in_parallel_arrive_in_order(tmp_path, ray_cluster):
+    """One big shard among small ones is read slowest; with 4 reads at a time its window must
+    still come in its place (Ray Data hands out blocks as they finish unless told to keep order)."""
+    x = torch.zeros(300_000 + 7 * 40, 4)
+    x[:, 0] = torch.arange(len(x))
+    store.write_dataset(str(tmp_path), list(x.split([300_000] + [40] * 7)), dtype="float32")
+    streams = [
+        ActivationStream(str(tmp_path), batch_size=40, seed=1, window_shards=1, read_tasks=r) for r in (4, 1)
+    ]
+    parallel, serial = (rows_of(stream.epoch(0)) for stream in streams)
+    assert parallel == serial
+
+
+def test_resumed_stream_continues_with_the_same_batches(tmp_path, ray_cluster):
     numbered_dataset(str(tmp_path))
     stream = ActivationStream(str(tmp_path), batch_size=24, seed=3, window_shards=3)
     full = rows_of(stream.epoch(1))

@@ -1,9 +1,12 @@
 """The transformers CLIP backbone against the model's own hidden states (`output_hidden_states`)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from vlsae_ray import storage
 from vlsae_ray.backbones import hook_dims, image_preprocessor, load_backbone, valid_hook_points
 from vlsae_ray.config import BackboneConfig, TokenConfig
 
@@ -76,7 +79,45 @@ def test_bad_hook_point_and_bad_folder(backbone, tmp_path):
         hook_dims(backbone.config, ["vision_model.encoder.layers.3"])
     with pytest.raises(ValueError, match=r"is not a save_pretrained folder \(no config.json there\)"):
         hook_dims(backbone.config.model_copy(update={"model": str(tmp_path)}), ["visual_projection"])
-    with pytest.raises(ValueError, match=r"reads a local folder"):
-        valid_hook_points(backbone.config.model_copy(update={"model": "s3://bucket/clip"}))
     with pytest.raises(ValueError, match=r"holds a 'clip' model, not 'llava'; use library: transformers"):
         valid_hook_points(backbone.config.model_copy(update={"library": "llava"}))
+
+
+def cached_files(cache) -> dict:
+    return {path: path.stat().st_mtime_ns for path in cache.rglob("*")}
+
+
+@torch.no_grad()
+def test_s3_folder_gives_the_local_folders_activations(
+    backbone, hf_clip_folder, s3_root, tmp_path, monkeypatch, images
+):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path))
+    folder = storage.join(s3_root, "clip")
+    for path in filter(Path.is_file, hf_clip_folder.rglob("*")):
+        storage.write_bytes(
+            storage.join(folder, path.relative_to(hf_clip_folder).as_posix()), path.read_bytes()
+        )
+    config = backbone.config.model_copy(update={"model": folder})
+    hooks = list(valid_hook_points(config))
+    planned = list((tmp_path / "folders").iterdir())
+    assert len(planned) == 1 and (planned[0] / "config.json").is_file()
+    assert not list(planned[0].glob("*.safetensors"))  # checking hook points downloads no weights
+
+    remote = load_backbone(config)
+    pixels = remote.pixels(images(2))
+    assert torch.equal(pixels, backbone.pixels(images(2)))
+    inputs = {
+        "pixels": pixels,
+        "texts": CAPTIONS[:2],
+        "item_ids": ["a", "b"],
+        "token": TokenConfig(mode="all"),
+    }
+    mine, local = remote.activations(hooks, **inputs), backbone.activations(hooks, **inputs)
+    for name in hooks:
+        assert all(torch.equal(a, b) for a, b in zip(mine[name], local[name], strict=True)), name
+
+    before = cached_files(tmp_path)
+    load_backbone(config)
+    assert cached_files(tmp_path) == before  # a second load downloads nothing
+    with pytest.raises(ValueError, match=r"is not a save_pretrained folder \(no config.json there\)"):
+        valid_hook_points(config.model_copy(update={"model": storage.join(s3_root, "empty")}))

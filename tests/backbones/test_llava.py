@@ -1,9 +1,12 @@
 """The LLaVA backbone against the model's own hidden states, on prompts built here by hand."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
+from vlsae_ray import storage
 from vlsae_ray.backbones import hook_dims, load_backbone, required_inputs, valid_hook_points
 from vlsae_ray.config import BackboneConfig, TokenConfig
 from vlsae_ray.world.llava import IMAGE_TOKEN_ID
@@ -77,10 +80,37 @@ def test_hook_points_dims_and_errors(backbone, images):
     dims = hook_dims(backbone.config, list(points))
     assert {dims[name] for name in points if name.startswith("vision_tower.")} == {96}
     assert {dims[name] for name in points if name.startswith("language_model.")} == {64}
-    with pytest.raises(ValueError, match=r"'language_model.layers.2:text_mean' is not in this model; valid "
-                       r"hook points: vision_tower.encoder.layers.0, .*language_model.layers.1:text_mean$"):
+    with pytest.raises(
+        ValueError,
+        match=r"'language_model.layers.2:text_mean' is not in this model; valid "
+        r"hook points: vision_tower.encoder.layers.0, .*language_model.layers.1:text_mean$",
+    ):
         hook_dims(backbone.config, ["language_model.layers.2:text_mean"])
     with pytest.raises(ValueError, match=r"'language_model.layers.0:text_mean' reads texts, but texts=None"):
         backbone.activations(
             ["language_model.layers.0:text_mean"], pixels=backbone.pixels(images(1)), item_ids=["a"]
         )
+
+
+@torch.no_grad()
+def test_s3_folder_gives_the_local_folders_activations(
+    backbone, llava_folder, s3_root, tmp_path, monkeypatch, images
+):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path))
+    folder = storage.join(s3_root, "llava")
+    for path in filter(Path.is_file, llava_folder.rglob("*")):
+        storage.write_bytes(
+            storage.join(folder, path.relative_to(llava_folder).as_posix()), path.read_bytes()
+        )
+    remote = load_backbone(backbone.config.model_copy(update={"model": folder}))
+    pixels = remote.pixels(images(2))
+    assert torch.equal(pixels, backbone.pixels(images(2)))
+    hooks = [
+        "vision_tower.encoder.layers.2",
+        "language_model.layers.1:image_mean",
+        "language_model.layers.1:text_mean",
+    ]
+    inputs = {"pixels": pixels, "texts": CAPTIONS, "item_ids": ["a", "b"], "token": TokenConfig(mode="all")}
+    mine, local = remote.activations(hooks, **inputs), backbone.activations(hooks, **inputs)
+    for name in hooks:
+        assert all(torch.equal(a, b) for a, b in zip(mine[name], local[name], strict=True)), name

@@ -8,7 +8,9 @@ shuffle and the job streams (early shards are committed while later ones are sti
 2. CPU tasks read and preprocess each remaining shard's images (`_decode_shard`). Bad input is
    marked with its reason, never replaced by made-up pixels or text.
 3. An actor pool runs the model (`concurrency` actors, a GPU each when one is visible) over the
-   shard's good items, `batch_size` items per forward (`_Extractor`).
+   shard's good items, `batch_size` items per forward (`_Extractor`). On CPU an actor holds one
+   Ray CPU but runs torch on its share of the node's cores (`cpu_threads`): reserving them all
+   would leave no CPU for the decode tasks, which are light and interleave with the forward.
 4. CPU tasks write each hook point's shard (`_write_shards`); the driver commits each written shard
    to its dataset's manifest as it arrives.
 
@@ -104,10 +106,19 @@ def _from_bytes(data: bytes, dtype: torch.dtype, *shape: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(*shape)
 
 
+def _node_cpus() -> int:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return int(next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node))
+
+
 class _Extractor:
     """One model replica of the actor pool: a shard's good items in, each hook point's rows out."""
 
     def __init__(self, config: ExtractConfig, needs: set[str]):
+        if not torch.cuda.is_available():
+            torch.set_num_threads(config.cpu_threads or _node_cpus() // config.concurrency or 1)
         self.backbone = load_backbone(config.backbone)
         self.config = config
         self.needs = needs

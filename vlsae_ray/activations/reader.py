@@ -1,16 +1,17 @@
-"""Reading a committed activation dataset: as a Ray Data dataset (batch jobs) or as a training stream.
+"""Reading a committed activation dataset as Ray Data datasets: for batch jobs and for training.
 
 `shard_dataset` is for jobs that visit every shard once in any order (label; evaluate pairs it
 with an embedding dataset).
-`ActivationStream` is for training: a deterministic order, so a run killed midway resumes at the
+`ActivationStream` is for training: each data-parallel part reads its own windows of shards
+through a Ray Data dataset of its own, in a seeded order, so a run killed midway resumes at the
 exact batch it reached and the same config always sees the same batches. Ray Data's
 `streaming_split` hands blocks to whichever worker asks first, which is fast but not
-reproducible, so training reads shards itself (in a background thread, through `storage`).
+reproducible, so the split across workers is ours and each part's dataset keeps its order.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import json
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -43,6 +44,20 @@ def shard_dataset(dataset: str):
     return ray.data.from_items(items, override_num_blocks=len(items))
 
 
+def _permutation(n: int, seed: int, *keys: int) -> torch.Tensor:
+    for key in keys:
+        seed = (seed * 1_000_003 + key) % 2**62
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _read_window(batch: dict[str, np.ndarray], dataset: str, seed: int) -> dict[str, np.ndarray]:
+    """One window's rows, shuffled by (seed, epoch, window), as float32 [rows, d]."""
+    epoch, index = int(batch["epoch"][0]), int(batch["index"][0])
+    shards = [store.ShardRecord.model_validate(record) for record in json.loads(str(batch["shards"][0]))]
+    x_nd = torch.cat([store.read_shard(dataset, shard)[0] for shard in shards])
+    return {"x": x_nd[_permutation(x_nd.shape[0], seed, epoch, index)].float().numpy()}
+
+
 class StreamPosition(NamedTuple):
     """Where a stream stands: the next batch is step `step` of epoch `epoch`."""
 
@@ -72,6 +87,7 @@ class ActivationStream:
         window_shards: int = 4,
         part: int = 0,
         parts: int = 1,
+        read_tasks: int = 2,
     ):
         if batch_size % parts:
             raise ValueError(f"batch_size={batch_size} must be a multiple of the {parts} data-parallel parts")
@@ -84,7 +100,7 @@ class ActivationStream:
         self.batch = batch_size // parts
         # a window never spans more than a part's share of the shards, so every part gets windows
         self.window_shards = max(1, min(window_shards, len(self.manifest.shards) // parts))
-        self.seed, self.part, self.parts = seed, part, parts
+        self.seed, self.part, self.parts, self.read_tasks = seed, part, parts, read_tasks
         steps = self.steps_in_epoch(0)
         if steps == 0:
             raise ValueError(
@@ -92,15 +108,9 @@ class ActivationStream:
                 f"over {parts} data-parallel parts; lower training.batch_size"
             )
 
-    def _permutation(self, n: int, *keys: int) -> torch.Tensor:
-        seed = self.seed
-        for key in keys:
-            seed = (seed * 1_000_003 + key) % 2**62
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
     def _windows(self, epoch: int, part: int) -> list[tuple[int, list[store.ShardRecord]]]:
         """(window index in the epoch, its shards) of the windows `part` reads in `epoch`."""
-        order = self._permutation(len(self.manifest.shards), epoch).tolist()
+        order = _permutation(len(self.manifest.shards), self.seed, epoch).tolist()
         windows = [order[i : i + self.window_shards] for i in range(0, len(order), self.window_shards)]
         return [
             (index, [self.manifest.shards[i] for i in windows[index]])
@@ -113,31 +123,48 @@ class ActivationStream:
             for part in range(self.parts)
         )
 
-    def _read_window(self, epoch: int, index: int, window: list[store.ShardRecord]) -> torch.Tensor:
-        x_nd = torch.cat([store.read_shard(self.dataset, shard)[0] for shard in window])
-        return x_nd[self._permutation(x_nd.shape[0], epoch, index)]
+    def windows_dataset(self, epoch: int, start_step: int = 0):
+        """This part's windows of `epoch` that hold batches `start_step`.. as a Ray Data dataset, in
+        order, a window's shuffled rows per block (Ray Data may cut a large window into several),
+        and how many of its first rows were already consumed.
+
+        Read tasks ask for no CPU: they wait on storage, and must run even where training workers
+        hold every CPU; `read_tasks` of them run at a time, reading ahead while training computes.
+        """
+        import ray
+
+        windows = self._windows(epoch, self.part)
+        first_row, end_row = start_step * self.batch, self.steps_in_epoch(epoch) * self.batch
+        rows, todo, skip = 0, [], 0
+        for index, shards in windows:
+            size = sum(shard.rows for shard in shards)
+            if rows + size > first_row and rows < end_row:
+                if not todo:
+                    skip = first_row - rows
+                records = json.dumps([shard.model_dump() for shard in shards])
+                todo.append({"epoch": epoch, "index": index, "shards": records})
+            rows += size
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            _read_window,
+            fn_kwargs={"dataset": self.dataset, "seed": self.seed},
+            batch_size=1,
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=min(self.read_tasks, len(todo))),
+        )
+        ds.context.execution_options.preserve_order = True
+        return ds, skip
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """This part's batches [batch_size // parts, d] (float32) of `epoch`, from step `start_step` on."""
-        windows, steps = self._windows(epoch, self.part), self.steps_in_epoch(epoch)
-        skip = start_step * self.batch  # rows of this part's epoch already consumed
-        first = 0
-        while first < len(windows) and skip >= (rows := sum(s.rows for s in windows[first][1])):
-            skip, first = skip - rows, first + 1
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # reads the next window during compute
-            pending = [pool.submit(self._read_window, epoch, *windows[first])] if first < len(windows) else []
-            buffer = torch.empty(0, self.manifest.d)
-            step = start_step
-            for i in range(first, len(windows)):
-                window = pending.pop(0).result()
-                if i + 1 < len(windows):
-                    pending.append(pool.submit(self._read_window, epoch, *windows[i + 1]))
-                buffer = torch.cat([buffer, window[skip:].float()])
-                skip = 0
-                while buffer.shape[0] >= self.batch and step < steps:
-                    yield buffer[: self.batch]
-                    buffer, step = buffer[self.batch :], step + 1
-                if step == steps:
-                    for future in pending:
-                        future.cancel()
-                    return
+        steps = self.steps_in_epoch(epoch)
+        if start_step >= steps:
+            return
+        ds, skip = self.windows_dataset(epoch, start_step)
+        buffer, step = np.empty((0, self.manifest.d), np.float32), start_step
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            x_nd = block["x"]  # read-only: it lives in Ray's object store
+            drop = min(skip, x_nd.shape[0])
+            buffer, skip = np.concatenate([buffer, x_nd[drop:]]), skip - drop
+            while buffer.shape[0] >= self.batch and step < steps:
+                yield torch.from_numpy(buffer[: self.batch])
+                buffer, step = buffer[self.batch :], step + 1

@@ -128,12 +128,18 @@ _BAD_FILE = (
 
 
 def expand_uris(uris: list[str]) -> list[str]:
-    """Each URI with its `{a..b}` ranges expanded (zero-padded to the width of `a`), in order."""
+    """Each URI with its `{a..b}` ranges expanded (zero-padded to the width of `a`), then its globs,
+    in order.
+
+    A glob is a URI with `*` (any run of characters but `/`) or `?` (one such character) in any
+    path segment; it becomes the files and folders it matches, sorted, found by listing the
+    store below its last plain folder. A glob that matches nothing is an error.
+    """
     out = []
     for uri in uris:
         match = re.search(r"\{(\d+)\.\.(\d+)\}", uri)
         if match is None:
-            out.append(uri)
+            out.extend(_glob(uri) if re.search(r"[*?]", uri) else [uri])
             continue
         first, last = match.groups()
         if int(last) < int(first):
@@ -141,6 +147,23 @@ def expand_uris(uris: list[str]) -> list[str]:
         numbers = [str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)]
         out.extend(expand_uris([uri[: match.start()] + n + uri[match.end() :] for n in numbers]))
     return out
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files and folders `pattern` matches, sorted: the objects under its last plain folder,
+    each cut to as many path segments as the pattern has below that folder."""
+    cut = pattern.rfind("/", 0, re.search(r"[*?]", pattern).start())
+    folder = {-1: ".", 0: "/"}.get(cut, pattern[:cut])  # -1: a relative pattern, 0: one under /
+    rest = pattern[cut + 1 :]
+    regex = re.compile("".join({"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c)) for c in rest))
+    matches = set()
+    for uri in storage.list_prefix(folder):
+        candidate = "/".join(uri[len(folder.rstrip("/")) + 1 :].split("/")[: rest.count("/") + 1])
+        if regex.fullmatch(candidate):
+            matches.add(candidate if cut == -1 else storage.join(folder, candidate))
+    if not matches:
+        raise ValueError(f"source URI pattern {pattern!r} matches no file or folder")
+    return sorted(matches)
 
 
 def list_items(config: SourceConfig) -> Listing:

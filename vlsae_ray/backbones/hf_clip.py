@@ -1,7 +1,10 @@
 """transformers CLIP backbones: a `CLIPModel` folder made by `save_pretrained`, read at hook points.
 
 The folder holds the model, its image processor and its tokenizer, as `save_pretrained` writes
-them; nothing is fetched from a hub. Hook points are module names of the `CLIPModel`:
+them; nothing is fetched from a hub. It is a local path, file:// or s3:// URI. An s3:// folder is
+copied into this machine's cache once per version (`storage.local_folder`): without its weight
+files for what needs none (hook validation on the driver, preprocessing tasks), whole for
+`load_model`. Hook points are module names of the `CLIPModel`:
 `vision_model.encoder.layers.{i}` (the residual stream after vision layer i, [B, tokens, d]),
 `vision_model.post_layernorm` (which transformers applies to the class token only: [B, d]),
 `visual_projection` (the image embedding), and `text_model.encoder.layers.{i}`,
@@ -23,15 +26,14 @@ from vlsae_ray.backbones.hooks import run_with_hooks
 from vlsae_ray.backbones.rows import HookOutput
 from vlsae_ray.config import BackboneConfig
 
+# The files `from_pretrained` reads weights from; the config, processor and tokenizer are the rest.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-def model_folder(config: BackboneConfig) -> str:
-    """The local folder of a save_pretrained model, checked to be one."""
-    folder = storage.local_path(config.model)
-    if folder is None:
-        raise ValueError(
-            f"backbone.model {config.model!r}: library {config.library!r} reads a local folder (a path "
-            "or file:// URI); copy the save_pretrained files to a local folder and point model at it"
-        )
+
+def model_folder(config: BackboneConfig, weights: bool = False) -> str:
+    """The local folder of a save_pretrained model, checked to be one; an s3:// folder is copied
+    into this machine's cache, with its weight files only if `weights`."""
+    folder = storage.local_folder(config.model, skip_suffixes=() if weights else WEIGHT_SUFFIXES)
     if not (Path(folder) / "config.json").is_file():
         raise ValueError(
             f"backbone.model {config.model!r} is not a save_pretrained folder (no config.json there); "
@@ -82,7 +84,9 @@ def load_model(config: BackboneConfig, device: torch.device) -> torch.nn.Module:
     from transformers import CLIPModel
 
     model_config = _clip_config(config)  # checked once, and handed on instead of parsed again
-    model = CLIPModel.from_pretrained(model_folder(config), config=model_config, local_files_only=True)
+    model = CLIPModel.from_pretrained(
+        model_folder(config, weights=True), config=model_config, local_files_only=True
+    )
     return model.to(device)
 
 

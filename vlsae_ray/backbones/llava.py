@@ -1,5 +1,8 @@
 """LLaVA backbones: a `LlavaForConditionalGeneration` folder made by `save_pretrained`.
 
+The folder is a local path, file:// or s3:// URI, read as for transformers CLIP (`hf_clip`): an
+s3:// folder is copied into this machine's cache, its weights only where the model is loaded.
+
 Hook points are module names in its `LlavaModel` (`model.model`):
 - `vision_tower.encoder.layers.{i}`: the residual stream after vision layer i ([B, tokens, d],
   token 0 the class token). LLaVA-1.5 feeds the projector layer -2 (`vision_feature_layer=-2`),
@@ -51,7 +54,7 @@ def load_model(config: BackboneConfig, device: torch.device) -> torch.nn.Module:
 
     model_config = _llava_config(config)  # checked once, and handed on instead of parsed again
     model = LlavaForConditionalGeneration.from_pretrained(
-        model_folder(config), config=model_config, local_files_only=True
+        model_folder(config, weights=True), config=model_config, local_files_only=True
     )
     return model.to(device)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import open_clip
@@ -44,9 +43,8 @@ def _local_checkpoint(pretrained: str | None) -> str | None:
     """A checkpoint URI as a local file open_clip can read; tags (e.g. 'openai') pass through."""
     if pretrained is None or not storage.is_s3(pretrained):
         return pretrained and storage.local_path(pretrained)
-    cache = Path(os.environ.get("VLSAE_CACHE", Path.home() / ".cache" / "vlsae")) / "checkpoints"
     key = hashlib.sha256(f"{pretrained}@{storage.version(pretrained)}".encode()).hexdigest()[:16]
-    target = cache / key / Path(pretrained).name
+    target = storage.cache_dir() / "checkpoints" / key / Path(pretrained).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         storage.write_bytes(str(target), storage.read_bytes(pretrained))

@@ -4,12 +4,12 @@ Workers form data_parallel x latent_shards (`parallel.ParallelLayout`): the rank
 group split one SAE's latents (`parallel.LatentShardedSAE`); data groups train on different
 parts of each global batch and average gradients with DistributedDataParallel (gloo on CPU,
 NCCL on GPU), or with DeepSpeed ZeRO 1/2 (`training.zero_stage`, without latent shards). Each
-data part reads its batches from the shard store (`ActivationStream`: seeded, so a resumed run
-sees exactly the batches it had left). Every `checkpoint_every` steps all ranks write a
-checkpoint beside the output (`checkpoint`; under ZeRO each rank its own optimiser partition);
-a restarted worker (Ray Train's FailureConfig) or a resubmitted job resumes from the latest one.
-Rank 0 logs progress, reports metrics to Ray Train and saves the trained SAE, gathered from its
-shards, to the output.
+data part reads its batches from the shard store through a Ray Data dataset of its own
+(`ActivationStream`: seeded, so a resumed run sees exactly the batches it had left). Every
+`checkpoint_every` steps all ranks write a checkpoint beside the output (`checkpoint`; under
+ZeRO each rank its own optimiser partition); a restarted worker (Ray Train's FailureConfig) or a
+resubmitted job resumes from the latest one. Rank 0 logs progress, reports metrics to Ray Train
+and saves the trained SAE, gathered from its shards, to the output.
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         window_shards=training.window_shards,
         part=layout.data_index,
         parts=layout.data_parallel,
+        read_tasks=training.read_tasks,
     )
     total_steps = sum(stream.steps_in_epoch(epoch) for epoch in range(training.epochs))
     device = ray.train.torch.get_device()
