@@ -154,8 +154,11 @@ def train_world_clip(
             group["lr"] = _lr_at(step, steps, lr, warmup)
         image_features = model.encode_image(images, normalize=True)
         text_features = model.encode_text(texts, normalize=True)
-        negatives = _hard_negatives(items, step, seed) if hard_negatives else []
-        negative_features = model.encode_text(tokenizer(negatives), normalize=True)
+        negative_features = (
+            model.encode_text(tokenizer(_hard_negatives(items, step, seed)), normalize=True)
+            if hard_negatives
+            else text_features[:0]
+        )
         loss = _clip_loss(image_features, text_features, negative_features, model.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
