@@ -169,6 +169,7 @@ def test_local_folder_downloads_an_s3_folder_once(s3_root, tmp_path, monkeypatch
 
 
 def test_local_folder_failing_midway_leaves_nothing_half_written(s3_root, tmp_path, monkeypatch):
+    """The second download fails: injected, since the real loopback server never drops a connection."""
     monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
     prefix = storage.join(s3_root, "model")
     write_folder(prefix, FOLDER)
