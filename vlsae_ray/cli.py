@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     world_train.add_argument("--out", required=True, help="checkpoint file to write")
     world_train.add_argument("--seed", type=int, default=0)
     world_train.add_argument("--steps", type=int, help="default: the committed checkpoint's")
-    world_train.add_argument("--threads", type=int, default=1)
+    world_train.add_argument("--threads", type=int, default=2)
     world_eval = world_commands.add_parser("eval", help="held-out zero-shot accuracy per attribute")
     world_eval.add_argument("--checkpoint", help="default: the committed checkpoint")
     world_eval.add_argument("--n", type=int, default=2000, help="held-out images to score")
