@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
+from vlsae_ray import storage
 from vlsae_ray.activations.sources import load_image, source_items
 from vlsae_ray.config import SourceConfig, TokenConfig
 
@@ -139,3 +142,15 @@ def rows_match():
 @pytest.fixture
 def images():
     return world_images
+
+
+def upload_folder(folder: Path, uri: str) -> str:
+    """Copy a local model folder to `uri` (e.g. on S3), as a user puts weights in object storage."""
+    for path in filter(Path.is_file, folder.rglob("*")):
+        storage.write_bytes(storage.join(uri, path.relative_to(folder).as_posix()), path.read_bytes())
+    return uri
+
+
+@pytest.fixture
+def upload():
+    return upload_folder

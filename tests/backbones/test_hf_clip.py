@@ -1,7 +1,5 @@
 """The transformers CLIP backbone against the model's own hidden states (`output_hidden_states`)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -89,14 +87,10 @@ def cached_files(cache) -> dict:
 
 @torch.no_grad()
 def test_s3_folder_gives_the_local_folders_activations(
-    backbone, hf_clip_folder, s3_root, tmp_path, monkeypatch, images
+    backbone, hf_clip_folder, s3_root, tmp_path, monkeypatch, images, upload
 ):
     monkeypatch.setenv("VLSAE_CACHE", str(tmp_path))
-    folder = storage.join(s3_root, "clip")
-    for path in filter(Path.is_file, hf_clip_folder.rglob("*")):
-        storage.write_bytes(
-            storage.join(folder, path.relative_to(hf_clip_folder).as_posix()), path.read_bytes()
-        )
+    folder = upload(hf_clip_folder, storage.join(s3_root, "clip"))
     config = backbone.config.model_copy(update={"model": folder})
     hooks = list(valid_hook_points(config))
     planned = list((tmp_path / "folders").iterdir())

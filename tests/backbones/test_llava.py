@@ -1,7 +1,5 @@
 """The LLaVA backbone against the model's own hidden states, on prompts built here by hand."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -94,14 +92,10 @@ def test_hook_points_dims_and_errors(backbone, images):
 
 @torch.no_grad()
 def test_s3_folder_gives_the_local_folders_activations(
-    backbone, llava_folder, s3_root, tmp_path, monkeypatch, images
+    backbone, llava_folder, s3_root, tmp_path, monkeypatch, images, upload
 ):
     monkeypatch.setenv("VLSAE_CACHE", str(tmp_path))
-    folder = storage.join(s3_root, "llava")
-    for path in filter(Path.is_file, llava_folder.rglob("*")):
-        storage.write_bytes(
-            storage.join(folder, path.relative_to(llava_folder).as_posix()), path.read_bytes()
-        )
+    folder = upload(llava_folder, storage.join(s3_root, "llava"))
     remote = load_backbone(backbone.config.model_copy(update={"model": folder}))
     pixels = remote.pixels(images(2))
     assert torch.equal(pixels, backbone.pixels(images(2)))
