@@ -5,8 +5,8 @@ A small TopK SAE is trained on the committed world CLIP's block-2 CLS activation
   concept far more often than chance. Chance: 9 random items all share some attribute value with
   probability about 0.5% (mostly `size`, 2 values: 2 * 2^-9); we require at least 50% of the
   high-MS latents to be concept-pure and at least 20x the measured chance rate;
-- the median MS of SAE latents is above that of the layer's raw neurons (by 0.1: the gap measured
-  here is about 0.35, as Pach et al. report for real CLIP).
+- the median MS of SAE latents is above that of the layer's raw neurons (by 0.1: measured 0.45
+  against 0.21 on the committed checkpoint, as Pach et al. report for real CLIP).
 """
 
 import random
@@ -32,6 +32,7 @@ def test_high_ms_latents_have_concept_pure_top_images(world_sae):
     pure = sum(concept_pure(ids, z_nf[:, j].topk(TOP).indices.tolist()) for j in high) / len(high)
     rng = random.Random(0)
     chance = sum(concept_pure(ids, rng.sample(range(len(ids)), TOP)) for _ in range(2000)) / 2000
+    print(f"\nconcept-pure top images: {pure:.0%} of {len(high)} high-MS latents (chance {chance:.1%})")
     assert pure >= 0.5 and pure >= 20 * max(chance, 1 / 2000), (pure, chance)
 
 
@@ -39,6 +40,7 @@ def test_sae_latents_are_more_monosemantic_than_neurons(world_sae):
     _, x_nd, z_nf, embeddings_ne, _ = world_sae
     latents = monosemanticity_score(z_nf, embeddings_ne).nanmedian()
     neurons = monosemanticity_score(x_nd, embeddings_ne).nanmedian()
+    print(f"\nmedian MS: SAE latents {latents:.3f}, neurons {neurons:.3f}")
     assert latents > neurons + 0.1, (float(latents), float(neurons))
 
 

@@ -9,7 +9,7 @@ import torch
 from vlsae_ray.world.clip import CHECKPOINT_PATH, MODEL_NAME, load_world_clip, register_world_clip
 from vlsae_ray.world.concepts import ATTRIBUTES, SHAPE_WORDS, combos
 from vlsae_ray.world.generator import generate_items
-from vlsae_ray.world.train import _hard_negatives, pixels_to_tensor, train_world_clip
+from vlsae_ray.world.train import _encode_text, _hard_negatives, _lr_at, pixels_to_tensor, train_world_clip
 from vlsae_ray.world.zeroshot import class_prompts, zero_shot_accuracy
 
 
@@ -79,6 +79,36 @@ def test_training_pixels_match_the_preprocess_users_get(world_clip):
     cfg = open_clip.get_model_preprocess_cfg(world_clip[0])
     fast = pixels_to_tensor(np.stack([it.pixels for it in items]), cfg["mean"], cfg["std"])
     assert torch.allclose(fast, torch.stack([preprocess(it.image) for it in items]), atol=1e-5)
+
+
+def test_training_text_encoding_cuts_padding_without_changing_features_or_gradients(world_clip):
+    model, _, tokenizer = world_clip
+    items = generate_items(16, split="train", seed=3)
+    tokens = tokenizer([it.caption for it in items] + _hard_negatives(items, step=0, seed=3))
+    assert len(tokens.argmax(dim=-1).unique()) > 3  # several lengths, so several groups
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(len(tokens), model.text_projection.shape[1], generator=generator)
+    text_tower = [
+        p for n, p in model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"
+    ]
+    results = []
+    for encode in (lambda t: model.encode_text(t, normalize=True), lambda t: _encode_text(model, t)):
+        features = encode(tokens)
+        results.append((features, torch.autograd.grad((features * weights).sum(), text_tower)))
+    (expected, expected_grads), (features, grads) = results
+    torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)
+    for expected_grad, grad in zip(expected_grads, grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=2e-5, rtol=1e-3)  # float32 sums in another order
+
+
+def test_learning_rate_warms_up_holds_then_falls_linearly_to_zero():
+    steps, lr, warmup = 400, 2e-3, 20
+    rates = [_lr_at(step, steps, lr, warmup, cooldown=0.25) for step in range(steps)]
+    assert rates[0] == lr / warmup and rates[warmup - 1] == lr
+    assert set(rates[warmup:300]) == {lr}  # held until the last quarter
+    falls = np.diff(rates[300:])
+    np.testing.assert_allclose(falls, -lr / 100)  # a straight line from lr at step 300 ...
+    assert rates[-1] == lr / 100  # ... to 0 one step past the end
 
 
 def test_missing_checkpoint_names_the_fix(tmp_path):
