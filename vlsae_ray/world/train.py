@@ -190,13 +190,11 @@ def train_world_clip(
     for step in range(steps):
         items = generate_items(batch_size, seed=seed, start=step * batch_size, image_size=image_size)
         images = pixels_to_tensor(np.stack([it.pixels for it in items]), cfg["mean"], cfg["std"])
-        texts = tokenizer([it.caption for it in items])
+        texts = [it.caption for it in items] + (_hard_negatives(items, step, seed) if hard_negatives else [])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup, cooldown)
         image_features = model.encode_image(images, normalize=True)
-        if hard_negatives:
-            texts = torch.cat([texts, tokenizer(_hard_negatives(items, step, seed))])
-        text_features = _encode_text(model, texts)
+        text_features = _encode_text(model, tokenizer(texts))
         text_features, negative_features = text_features[:batch_size], text_features[batch_size:]
         loss = _clip_loss(image_features, text_features, negative_features, model.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
