@@ -2,7 +2,8 @@
 
 Run with `vlsae serve -c CONFIG` (or `serve run serve.app:app_builder sae=... ...` / a serve
 config YAML for `serve deploy`). Requests are batched with `@serve.batch`, so concurrent uploads
-share one forward pass.
+share one forward pass. Each replica requests `gpus_per_replica` GPUs when the Ray cluster has
+GPUs and `backbone.device` allows (`vlsae_ray.devices`), and runs on the device Ray assigned it.
 """
 
 from typing import Annotated
@@ -12,6 +13,7 @@ from ray import serve
 
 from serve.schemas import EncodeResponse, ErrorResponse, Latent
 from vlsae_ray.config import ServeConfig, parse_config
+from vlsae_ray.devices import assigned_device, gpu_request
 from vlsae_ray.interpret.encoder import ImageEncoder, NotAnImageError, decode_image
 
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -24,7 +26,7 @@ api = FastAPI(title="vlsae-ray", description="Encode images into sparse, human-r
 class SAEService:
     def __init__(self, config: dict):
         self.config = ServeConfig.model_validate(config)
-        self.encoder = ImageEncoder(self.config)
+        self.encoder = ImageEncoder(self.config, assigned_device())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, images: list) -> list:
@@ -58,7 +60,10 @@ class SAEService:
 
 
 def build_app(config: ServeConfig):
-    return SAEService.options(num_replicas=config.num_replicas).bind(config.model_dump(mode="json"))
+    gpus = gpu_request(config.backbone.device, config.gpus_per_replica, "Serve replicas", "gpus_per_replica")
+    return SAEService.options(num_replicas=config.num_replicas, ray_actor_options={"num_gpus": gpus}).bind(
+        config.model_dump(mode="json")
+    )
 
 
 def app_builder(args: dict):

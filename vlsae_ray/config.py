@@ -6,10 +6,10 @@ naming the key, what was given and the expected form.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlsae_ray import storage
 from vlsae_ray.sae import BaseSAEConfig, SAEConfig
@@ -22,6 +22,24 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _whole_above_one(gpus: float) -> float:
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(
+            "Ray shares a GPU only in fractions below 1: give a fraction below 1 or a whole number"
+        )
+    return gpus
+
+
+# Where a job's models run (see `vlsae_ray.devices`): decided from the Ray cluster, not the driver.
+Device = Literal["auto", "cpu", "cuda"]
+DEVICE_HELP = (
+    "auto: a GPU when the Ray cluster has one (CPU otherwise, said once in the log); cuda: a GPU always "
+    "(an error before launch on a cluster with none); cpu: never a GPU"
+)
+# GPUs per actor, task or replica when it runs on GPU: a fraction below 1 shares a GPU
+GPUs = Annotated[float, Field(gt=0), AfterValidator(_whole_above_one)]
 
 
 class SourceConfig(Strict):
@@ -101,7 +119,11 @@ class BackboneConfig(Strict):
         None,
         description="open_clip only: pretrained tag, or a checkpoint file as a path, file:// or s3:// URI",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
+    device: Device = Field(
+        "auto",
+        description=f"{DEVICE_HELP}; in a job's actors and replicas. Outside Ray (notebooks, the driver's "
+        "own models): auto is cuda when this process sees a GPU",
+    )
 
 
 class TokenConfig(Strict):
@@ -144,6 +166,9 @@ class ExtractConfig(Strict):
     )
     batch_size: int = Field(64, gt=0, description="items per model forward")
     concurrency: int = Field(1, gt=0, description="model actors")
+    gpus_per_actor: GPUs = Field(
+        1.0, description="GPUs each model actor requests when on GPU (backbone.device); below 1 shares one"
+    )
     cpu_threads: int | None = Field(
         None,
         gt=0,
@@ -285,6 +310,12 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(1024, gt=0, description="rows per SAE forward")
     shards_per_task: int = Field(4, gt=0, description="shards each Ray task reduces to one partial")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs of each Ray task")
+    device: Device = Field("auto", description=f"the Ray tasks' SAE forwards: {DEVICE_HELP}")
+    gpus_per_task: GPUs = Field(
+        0.25,
+        description="GPUs of each Ray task when on GPU: tasks read shards as much as they compute, so by "
+        "default four share a GPU; 1 for an SAE that fills one",
+    )
     output: str = Field(description="URI of the folder the report is written to")
 
 
@@ -324,6 +355,12 @@ class LabelConfig(Strict):
     )
     top_k: int = Field(9, gt=0, description="top-activating examples kept per latent")
     batch_size: int = Field(1024, gt=0, description="rows per SAE forward")
+    device: Device = Field("auto", description=f"the Ray tasks' SAE forwards: {DEVICE_HELP}")
+    gpus_per_task: GPUs = Field(
+        0.25,
+        description="GPUs of each Ray task when on GPU: tasks read shards as much as they compute, so by "
+        "default four share a GPU; 1 for an SAE that fills one",
+    )
     output: str = Field(description="URI of the folder the catalog is written to")
 
     @model_validator(mode="after")
@@ -353,6 +390,9 @@ class ServeConfig(Strict):
     )
     port: int = Field(8000, gt=0, lt=65536)
     num_replicas: int = Field(1, gt=0)
+    gpus_per_replica: GPUs = Field(
+        1.0, description="GPUs each replica requests when on GPU (backbone.device); below 1 shares one"
+    )
 
 
 JobConfig = TypeVar("JobConfig", bound=BaseModel)

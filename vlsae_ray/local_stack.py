@@ -34,12 +34,15 @@ _FORWARDED_ENV = (
 )
 
 
-def connect_ray(num_cpus: int | None = None, dashboard_port: int | None = None) -> None:
+def connect_ray(
+    num_cpus: int | None = None, dashboard_port: int | None = None, num_gpus: int | None = None
+) -> None:
     """Join the Ray cluster this process runs in, or start a local one on loopback.
 
     Inside `ray job submit`, or with RAY_ADDRESS set, `ray.init()` joins that cluster. Otherwise
     we start a private local Ray bound to 127.0.0.1 with usage stats off; with `dashboard_port`
-    it also serves the dashboard and job API there (also on 127.0.0.1).
+    it also serves the dashboard and job API there (also on 127.0.0.1). `num_cpus` and `num_gpus`
+    declare the local node's resources (default: what Ray detects).
     """
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
@@ -54,6 +57,7 @@ def connect_ray(num_cpus: int | None = None, dashboard_port: int | None = None) 
         return
     ray.init(
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         include_dashboard=dashboard_port is not None,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,

@@ -9,6 +9,7 @@ from vlsae_ray.eval import fvu, monosemanticity_score
 from vlsae_ray.eval.dataset_pass import PassPlan, first_pass, monosemanticity_map_reduce, ms_pass
 from vlsae_ray.eval.metrics import ReconstructionStats
 from vlsae_ray.sae import build_sae
+from vlsae_ray.sae.kernels import SparseLatents
 
 N, SHARD_ROWS = 200, 48  # 5 shards, the last one short
 
@@ -72,7 +73,7 @@ def test_first_pass_statistics_and_top_rows(ray_cluster, tmp_path, dataset_pair)
         with torch.no_grad():
             x_hat, z, _ = sae(x_read)
         reference = ReconstructionStats(12, 32)
-        reference.update(x_read, x_hat, z)
+        reference.update(x_read, x_hat, SparseLatents.from_mask(z, z != 0))
         assert abs(result.stats[uri].fvu() - reference.fvu()) < 1e-6
         assert result.stats[uri].l0() == reference.l0()
         assert result.stats[uri].dead_fraction() == reference.dead_fraction()

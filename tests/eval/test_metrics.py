@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from vlsae_ray.eval import ReconstructionStats, fvu, l0, monosemanticity_score
+from vlsae_ray.eval import MonosemanticityAccumulator, ReconstructionStats, fvu, l0, monosemanticity_score
+from vlsae_ray.sae.kernels import SparseLatents
 
 
 def naive_ms(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,38 @@ def test_fvu_l0_and_streaming_stats_agree():
     assert l0(z) == pytest.approx(sum(int((z[i] != 0).sum()) for i in range(100)) / 100)
     stats = ReconstructionStats(6, 10)
     for start in range(0, 100, 17):
-        stats.update(x[start : start + 17], x_hat[start : start + 17], z[start : start + 17])
+        chunk = z[start : start + 17]
+        stats.update(
+            x[start : start + 17], x_hat[start : start + 17], SparseLatents.from_mask(chunk, chunk != 0)
+        )
     assert stats.fvu() == pytest.approx(naive_fvu, rel=1e-6)
     assert stats.l0() == pytest.approx(l0(z))
     assert stats.dead_fraction() == pytest.approx(0.1)
+
+
+def test_ms_of_sparse_latents_equals_the_dense_path():
+    """SAE latents as `SparseLatents` (no dense [N, F]) give the dense accumulator's bounds and score."""
+    g = torch.Generator().manual_seed(3)
+    n, f = 300, 20
+    z = torch.relu(torch.randn(n, f, generator=g) - 0.8)  # about 20% active
+    z[:, 0] = 0.0  # never fires: no score
+    z[:, 1] = 0.5 + torch.rand(n, generator=g)  # active on every row: its min is above 0
+    z[:, 2] = 0.0
+    z[7, 2] = 2.0  # one image only
+    active = (z != 0) | (torch.rand(n, f, generator=g) < 0.05)  # some active entries are exactly 0
+    e = torch.randn(n, 6, generator=g)
+    dense = MonosemanticityAccumulator(f, 6)
+    sparse = MonosemanticityAccumulator(f, 6)
+    chunks = [(start, start + 70) for start in range(0, n, 70)]
+    for pass_ in ("observe", "accumulate"):
+        for a, b in chunks:
+            latents = SparseLatents.from_mask(z[a:b], active[a:b])
+            getattr(dense, pass_)(*((z[a:b],) if pass_ == "observe" else (z[a:b], e[a:b])))
+            getattr(sparse, pass_)(*((latents,) if pass_ == "observe" else (latents, e[a:b])))
+        if pass_ == "observe":
+            assert torch.equal(sparse.min_f, dense.min_f) and torch.equal(sparse.max_f, dense.max_f)
+            assert dense.min_f[1] > 0
+    ours, reference = sparse.score(), dense.score()
+    assert torch.equal(ours.isnan(), reference.isnan()) and ours[[0, 2]].isnan().all()
+    torch.testing.assert_close(ours[~ours.isnan()], reference[~reference.isnan()], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sparse.weighted_fe, dense.weighted_fe, atol=1e-10, rtol=1e-10)

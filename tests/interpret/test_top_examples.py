@@ -5,21 +5,31 @@ import torch
 
 from vlsae_ray.interpret.top_examples import TopK, merge_top_k, top_examples
 from vlsae_ray.sae import build_sae
+from vlsae_ray.sae.kernels import SparseLatents
 
 SHARD_ROWS = (50, 7, 3, 40)  # one shard shorter than k
 
 
-def test_streaming_topk_equals_full_sort():
+def test_streaming_topk_of_sparse_latents_equals_full_sort_of_dense():
     g = torch.Generator().manual_seed(0)
-    values = torch.randn(230, 12, generator=g)
+    values = torch.relu(torch.randn(230, 12, generator=g) - 1.0)  # about 16% active
     values[:, 3] = 1.0  # all tied: the earliest rows win
+    values[:, 5] = 0.0  # never fires: the earliest rows, at 0
+    values[100:, 7] = 0.0  # fires only in the first batches
+    active = (values != 0) | (torch.rand(230, 12, generator=g) < 0.05)  # some active entries are 0
     top = TopK(5, 12)
-    for start in range(0, 230, 37):
-        top.update(values[start : start + 37])
+    for start in range(0, 230, 37):  # the last batch (8 rows) is shorter than 2k
+        rows = slice(start, start + 37)
+        top.update(SparseLatents.from_mask(values[rows], active[rows]))
     expected = torch.sort(values, dim=0, descending=True, stable=True)
     assert torch.equal(top.values_kf, expected.values[:5])
     assert torch.equal(top.rows_kf, expected.indices[:5])
-    assert top.rows_kf[:, 3].tolist() == [0, 1, 2, 3, 4]
+    assert top.rows_kf[:, 3].tolist() == [0, 1, 2, 3, 4] and top.rows_kf[:, 5].tolist() == [0, 1, 2, 3, 4]
+
+    small = TopK(5, 12)  # fewer rows than k: as many rows as seen
+    small.update(SparseLatents.from_mask(values[:3], active[:3]))
+    head = torch.sort(values[:3], dim=0, descending=True, stable=True)
+    assert torch.equal(small.values_kf, head.values) and torch.equal(small.rows_kf, head.indices)
 
 
 def test_merge_is_independent_of_arrival_order():

@@ -7,8 +7,9 @@ shuffle and the job streams (early shards are committed while later ones are sti
    i // shard_rows. Shards committed in every hook point's dataset are skipped.
 2. CPU tasks read and preprocess each remaining shard's images (`_decode_shard`). Bad input is
    marked with its reason, never replaced by made-up pixels or text.
-3. An actor pool runs the model (`concurrency` actors, a GPU each when one is visible) over the
-   shard's good items, `batch_size` items per forward (`_Extractor`). On CPU an actor holds one
+3. An actor pool runs the model (`concurrency` actors, `gpus_per_actor` GPUs each when the Ray
+   cluster has GPUs and `backbone.device` allows; `vlsae_ray.devices`) over the shard's good
+   items, `batch_size` items per forward (`_Extractor`). On CPU an actor holds one
    Ray CPU but runs torch on its share of the node's cores (`cpu_threads`): reserving them all
    would leave no CPU for the decode tasks, which are light and interleave with the forward.
 4. CPU tasks write each hook point's shard (`_write_shards`); the driver commits each written shard
@@ -34,6 +35,7 @@ from vlsae_ray.activations import store
 from vlsae_ray.activations.sources import BadInputError, Item, list_items, read_images
 from vlsae_ray.backbones import hook_dims, image_preprocessor, load_backbone, required_inputs
 from vlsae_ray.config import BackboneConfig, ExtractConfig, SourceConfig
+from vlsae_ray.devices import assigned_device, gpu_request
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
 
@@ -117,9 +119,10 @@ class _Extractor:
     """One model replica of the actor pool: a shard's good items in, each hook point's rows out."""
 
     def __init__(self, config: ExtractConfig, needs: set[str]):
-        if not torch.cuda.is_available():
+        device = assigned_device()
+        if device.type == "cpu":
             torch.set_num_threads(config.cpu_threads or _node_cpus() // config.concurrency or 1)
-        self.backbone = load_backbone(config.backbone)
+        self.backbone = load_backbone(config.backbone, device)
         self.config = config
         self.needs = needs
 
@@ -269,7 +272,9 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         connect_ray()
         # a task's BadInputError reaches the driver as itself (wrapped by Ray), not as a generic UDF error
         ray.data.DataContext.get_current().raise_original_map_exception = True
-        use_gpu = torch.cuda.is_available() and config.backbone.device != "cpu"
+        gpus = gpu_request(
+            config.backbone.device, config.gpus_per_actor, "extraction's model actors", "gpus_per_actor"
+        )
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         # CPU stages ask for less than the model actor so that Ray Data does not fuse decoding into it
         ds = ds.map_batches(
@@ -288,7 +293,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
             fn_constructor_args=(config, needs),
             batch_size=1,
             concurrency=config.concurrency,
-            num_gpus=1 if use_gpu else 0,
+            num_gpus=gpus,
         )
         ds = ds.map_batches(
             _write_shards,

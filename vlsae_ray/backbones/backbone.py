@@ -25,6 +25,7 @@ LIBRARIES: dict[str, ModuleType] = {"open_clip": open_clip_backbone, "transforme
 
 
 def resolve_device(device: str) -> torch.device:
+    """The device of `backbone.device` for a model this process loads outside Ray's assignment."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -74,12 +75,15 @@ def required_inputs(config: BackboneConfig, hook_points: list[str]) -> set[str]:
 
 
 class Backbone:
-    """A VLM with its weights loaded on `config.device`, read at named hook points."""
+    """A VLM with its weights loaded on `device` (default: `config.device`), read at named hook points.
 
-    def __init__(self, config: BackboneConfig):
+    Ray actors and replicas pass the device Ray assigned them (`vlsae_ray.devices.assigned_device`).
+    """
+
+    def __init__(self, config: BackboneConfig, device: torch.device | None = None):
         self.config = config
         self.library = LIBRARIES[config.library]
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device) if device is None else device
         self.model = self.library.load_model(config, self.device).eval()
         self.tokenizer = self.library.load_tokenizer(config)
         self.preprocess = self.library.image_preprocessor(config)
@@ -120,6 +124,6 @@ class Backbone:
         return {name: select_rows(outputs[name], item_ids, token) for name in hook_points}
 
 
-def load_backbone(config: BackboneConfig) -> Backbone:
-    """The model of `config`, weights loaded, on `config.device`."""
-    return Backbone(config)
+def load_backbone(config: BackboneConfig, device: torch.device | None = None) -> Backbone:
+    """The model of `config`, weights loaded, on `device` (default: `config.device`)."""
+    return Backbone(config, device)

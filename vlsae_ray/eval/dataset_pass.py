@@ -10,7 +10,9 @@ small partial state; the driver adds the partials as they stream in:
   min and max, then the score (see `monosemanticity`).
 
 A partial is a few [F] and [F, D] tensors whatever the number of rows, so memory per task is one
-shard plus the partial, and the reduce costs O(tasks · F · D).
+shard plus the partial, and the reduce costs O(tasks · F · D). Each task runs its SAE forwards
+on the device Ray assigned it (`gpus_per_task` GPUs, decided by `vlsae_ray.devices.gpu_request`)
+and keeps the latents sparse: statistics, MS sums and top rows never build a dense [rows, F].
 
 The embedding model is whatever extracted the embedding dataset: any dataset of image embeddings
 over the same items works, e.g. hook point `visual` of a CLIP (the image embedding, as Pach et al.
@@ -27,11 +29,13 @@ import torch
 
 from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import shard_offsets
+from vlsae_ray.devices import assigned_device
 from vlsae_ray.eval.metrics import ReconstructionStats
 from vlsae_ray.eval.monosemanticity import MonosemanticityAccumulator
 from vlsae_ray.eval.top_rows import TopRows
 from vlsae_ray.sae import MatryoshkaConfig, SparseAutoencoder
 from vlsae_ray.sae.base import load_sae
+from vlsae_ray.sae.kernels import SparseLatents, decode
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class PassPlan:
     batch_size: int = 1024
     shards_per_task: int = 4
     cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
 
     @property
     def measured(self) -> tuple[str, ...]:
@@ -95,17 +100,20 @@ def _read_pair(plan: PassPlan, record: dict) -> tuple[torch.Tensor, torch.Tensor
     return x.float(), e.float(), ids
 
 
-def _prefix_reconstructions(sae: SparseAutoencoder, z_bf: torch.Tensor) -> list[torch.Tensor]:
-    """Each nested Matryoshka prefix's own reconstruction (latents beyond its end set to zero)."""
-    latent_f = torch.arange(z_bf.shape[1])
-    return [sae.decode(torch.where(latent_f < end, z_bf, 0.0)) for end in sae.config.group_ends]
+def _prefix_reconstructions(sae: SparseAutoencoder, z: SparseLatents) -> list[torch.Tensor]:
+    """Each nested Matryoshka prefix's own reconstruction (latents beyond its end left out)."""
+    return [
+        decode(z.select(z.indices_n < end), sae.W_dec_fd, sparse=True) + sae.input_scale * sae.b_dec_d
+        for end in sae.config.group_ends
+    ]
 
 
 @torch.no_grad()
 def _first_partial(batch: dict[str, np.ndarray], plan: PassPlan) -> dict[str, np.ndarray]:
     part = FirstPass()
+    device = assigned_device()
     main = load_sae(plan.sae) if plan.sae else None
-    saes = {uri: load_sae(uri) for uri in plan.measured}  # once per task, not per batch
+    saes = {uri: load_sae(uri).to(device) for uri in plan.measured}  # once per task, not per batch
     for record in _records(batch):
         x_nd, e_nd, ids = _read_pair(plan, record)
         if part.neurons is None and e_nd is not None:
@@ -120,18 +128,20 @@ def _first_partial(batch: dict[str, np.ndarray], plan: PassPlan) -> dict[str, np
             if part.neurons is not None:
                 part.neurons.observe(x_bd)
             for uri, sae in saes.items():
-                x_hat_bd, z_bf, _ = sae(x_bd)
+                x_hat_bd, z, _ = sae(x_bd.to(device), sparse_latents=True)
+                x_hat_bd, z = x_hat_bd.cpu(), z.to("cpu")
                 groups = len(sae.config.group_ends) if isinstance(sae.config, MatryoshkaConfig) else 0
                 stats = part.stats.setdefault(
                     uri, ReconstructionStats(x_nd.shape[1], sae.config.n_latents, groups)
                 )
-                stats.update(x_bd, x_hat_bd, z_bf)
+                stats.update(x_bd, x_hat_bd, z)
                 if groups:
-                    stats.update_prefixes(x_bd, _prefix_reconstructions(sae, z_bf))
+                    prefixes = _prefix_reconstructions(sae, z.to(device))
+                    stats.update_prefixes(x_bd, [x_hat.cpu() for x_hat in prefixes])
                 if uri == plan.sae:
                     if part.latents is not None:
-                        part.latents.observe(z_bf)
-                    part.top.update(z_bf, row, ids[start : start + plan.batch_size], x_bd)
+                        part.latents.observe(z)
+                    part.top.update(z, row, ids[start : start + plan.batch_size], x_bd)
         part.rows += x_nd.shape[0]
     return {"partial": np.array([pickle.dumps(part)], dtype=object)}
 
@@ -147,14 +157,15 @@ def _ms_partial(batch: dict[str, np.ndarray], plan: PassPlan, bounds: FirstPass)
         if bounds.latents is not None
         else None
     )
-    sae = load_sae(plan.sae) if latents is not None else None
+    device = assigned_device()
+    sae = load_sae(plan.sae).to(device) if latents is not None else None
     for record in _records(batch):
         x_nd, e_nd, _ = _read_pair(plan, record)
         for start in range(0, x_nd.shape[0], plan.batch_size):
             x_bd, e_bd = x_nd[start : start + plan.batch_size], e_nd[start : start + plan.batch_size]
             neurons.accumulate(x_bd, e_bd)
             if latents is not None:
-                latents.accumulate(sae.encode(x_bd), e_bd)
+                latents.accumulate(sae.encode_sparse(x_bd.to(device)).to("cpu"), e_bd)
     return {"partial": np.array([pickle.dumps((neurons, latents))], dtype=object)}
 
 
@@ -200,7 +211,11 @@ def _reduce(ds) -> list:
 
 def first_pass(plan: PassPlan) -> FirstPass:
     ds = _shard_dataset(plan).map_batches(
-        _first_partial, fn_kwargs={"plan": plan}, batch_size=plan.shards_per_task, num_cpus=plan.cpus_per_task
+        _first_partial,
+        fn_kwargs={"plan": plan},
+        batch_size=plan.shards_per_task,
+        num_cpus=plan.cpus_per_task,
+        num_gpus=plan.gpus_per_task,
     )
     total = None
     for part in _reduce(ds):
@@ -217,6 +232,7 @@ def ms_pass(plan: PassPlan, bounds: FirstPass) -> tuple[torch.Tensor, torch.Tens
         fn_kwargs={"plan": plan, "bounds": bounds},
         batch_size=plan.shards_per_task,
         num_cpus=plan.cpus_per_task,
+        num_gpus=plan.gpus_per_task,
     )
     neurons = latents = None
     for part_neurons, part_latents in _reduce(ds):

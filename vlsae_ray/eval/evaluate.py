@@ -1,7 +1,8 @@
 """The evaluate job: how good and how interpretable a trained SAE is, written up as a report.
 
 Two Ray Data map-reduce passes over the activation dataset (and the embedding dataset beside it,
-row for row; `dataset_pass`) give FVU, L0 and dead latents of every checkpoint, the
+row for row; `dataset_pass`, whose tasks request `gpus_per_task` GPUs when the Ray cluster has
+GPUs and `device` allows) give FVU, L0 and dead latents of every checkpoint, the
 Monosemanticity Score of the SAE's latents and of the layer's raw neurons, and each latent's top
 images. From those: uniqueness (`uniqueness`), for a VL-SAE the intra- and inter-concept
 image/text similarity (`concept_similarity`, with a third pass over the text-side dataset), and,
@@ -11,6 +12,7 @@ report (report.md, its PNG plots, monosemanticity.json, run.json) goes to `outpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,6 +22,7 @@ from pydantic import BaseModel
 from vlsae_ray import storage
 from vlsae_ray.activations import store
 from vlsae_ray.config import EvaluateConfig
+from vlsae_ray.devices import gpu_request
 from vlsae_ray.eval import plots
 from vlsae_ray.eval.concept_similarity import concept_similarity
 from vlsae_ray.eval.dataset_pass import FirstPass, PassPlan, first_pass, ms_pass
@@ -83,6 +86,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
     _check_checkpoints(config, manifest.d)
     sae = load_sae(config.sae)
     is_vlsae = isinstance(sae.config, VLSAEConfig)
+    gpus = gpu_request(config.device, config.gpus_per_task, "evaluate's SAE tasks", "gpus_per_task")
     plan = PassPlan(
         activations=config.activations,
         embeddings=config.embeddings,
@@ -93,6 +97,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
         batch_size=config.batch_size,
         shards_per_task=config.shards_per_task,
         cpus_per_task=config.cpus_per_task,
+        gpus_per_task=gpus,
     )
     first = first_pass(plan)
     stats = first.stats[config.sae]
@@ -130,7 +135,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
         summary.notes.append("MS skipped: no `embeddings` dataset configured")
 
     if is_vlsae and config.text_activations:
-        summary.concept_similarity = _vlsae_similarity(config, first)
+        summary.concept_similarity = _vlsae_similarity(config, plan, first)
     elif is_vlsae:
         summary.notes.append("VL-SAE concept similarity skipped: no `text_activations` configured")
 
@@ -160,16 +165,10 @@ def _write_plot(summary: EvaluateSummary, config: EvaluateConfig, name: str, png
     summary.plots[name] = uri
 
 
-def _vlsae_similarity(config: EvaluateConfig, first: FirstPass) -> dict[str, float]:
+def _vlsae_similarity(config: EvaluateConfig, plan: PassPlan, first: FirstPass) -> dict[str, float]:
     """A pass over the text-side dataset for each concept's top captions, then the similarities."""
-    text_plan = PassPlan(
-        activations=config.text_activations,
-        sae=config.sae,
-        top_k=config.top_k,
-        keep_vectors=True,
-        batch_size=config.batch_size,
-        shards_per_task=config.shards_per_task,
-        cpus_per_task=config.cpus_per_task,
+    text_plan = dataclasses.replace(
+        plan, activations=config.text_activations, embeddings=None, checkpoints=()
     )
     text = first_pass(text_plan)
 

@@ -2,7 +2,7 @@
 
 `fvu(x, x_hat)` and `l0(z)` are the one-batch forms; `ReconstructionStats` accumulates the same
 quantities over a stream of batches (FVU needs the dataset mean, so it keeps sufficient statistics
-rather than averaging per-batch FVUs).
+rather than averaging per-batch FVUs), from the SAE's sparse latents (never a dense [B, F]).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from vlsae_ray.sae.kernels import SparseLatents
 
 
 def fvu(x_bd: torch.Tensor, x_hat_bd: torch.Tensor) -> float:
@@ -24,7 +26,7 @@ def l0(z_bf: torch.Tensor) -> float:
 
 
 class ReconstructionStats:
-    """FVU, L0 and dead latents over a stream of (x, x_hat, z) batches; `merge` adds another's."""
+    """FVU, L0 and dead latents over a stream of (x, x_hat, latents) batches; `merge` adds another's."""
 
     def __init__(self, d: int, n_latents: int, n_prefixes: int = 0):
         self.rows = 0
@@ -36,14 +38,15 @@ class ReconstructionStats:
         # Matryoshka: squared error of each nested prefix's own reconstruction
         self.prefix_squared_error_g = torch.zeros(n_prefixes, dtype=torch.float64)
 
-    def update(self, x_bd: torch.Tensor, x_hat_bd: torch.Tensor, z_bf: torch.Tensor) -> None:
+    def update(self, x_bd: torch.Tensor, x_hat_bd: torch.Tensor, z: SparseLatents) -> None:
         x_bd = x_bd.double()
         self.rows += x_bd.shape[0]
-        self.sum_d += x_bd.sum(0)
+        self.sum_d += x_bd.sum(0).cpu()
         self.sum_squared_norm += float(x_bd.pow(2).sum())
         self.sum_squared_error += float((x_bd - x_hat_bd.double()).pow(2).sum())
-        self.active += int((z_bf != 0).sum())
-        self.fired_f |= (z_bf != 0).any(0).cpu()
+        fired_n = z.indices_n[z.values_n != 0]
+        self.active += fired_n.numel()
+        self.fired_f[fired_n.cpu()] = True
 
     def update_prefixes(self, x_bd: torch.Tensor, x_hat_prefixes_gbd: list[torch.Tensor]) -> None:
         for g, x_hat_bd in enumerate(x_hat_prefixes_gbd):

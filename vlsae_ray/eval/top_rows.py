@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from vlsae_ray.interpret.top_examples import TopK
+from vlsae_ray.sae.kernels import SparseLatents
 
 
 class TopRows(TopK):
@@ -22,12 +23,12 @@ class TopRows(TopK):
         self.vectors: dict[int, torch.Tensor] = {}
 
     def update(
-        self, values_nf: torch.Tensor, first_row: int, source_ids: list[str], x_nd: torch.Tensor | None = None
+        self, z: SparseLatents, first_row: int, source_ids: list[str], x_nd: torch.Tensor | None = None
     ) -> None:
-        """Add rows first_row, first_row + 1, ... with their latent values [n, F]."""
-        super().update(values_nf, first_row)
+        """Add rows first_row, first_row + 1, ... with their latents."""
+        super().update(z, first_row)
         for row in self.rows_kf.unique().tolist():
-            if first_row <= row < first_row + values_nf.shape[0]:
+            if first_row <= row < first_row + z.batch_size:
                 self.source_ids[row] = source_ids[row - first_row]
                 if self.keep_vectors:
                     self.vectors[row] = x_nd[row - first_row].float().clone()

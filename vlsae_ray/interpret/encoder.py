@@ -32,9 +32,9 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 class ImageEncoder:
-    """Backbone + SAE: an image's top SAE latents."""
+    """Backbone + SAE on `device` (default: `backbone.device`): an image's top SAE latents."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, device: torch.device | None = None):
         self.config = config
         d = hook_dims(config.backbone, [config.hook_point])[config.hook_point]
         reads = valid_hook_points(config.backbone)[config.hook_point]
@@ -43,7 +43,7 @@ class ImageEncoder:
                 f"the encoder gives one vector per image: hook point {config.hook_point!r} must read images "
                 f"and token must be cls or mean (not {str(config.token)!r})"
             )
-        self.backbone = load_backbone(config.backbone)
+        self.backbone = load_backbone(config.backbone, device)
         self.sae = SparseAutoencoder.load(config.sae, device=self.backbone.device).eval()
         if d != self.sae.config.d_in:
             raise ValueError(

@@ -2,7 +2,8 @@
 top captions too, a name from the vocabulary with a confidence, all written to the concept catalog.
 
 Passes, each a Ray Data map over shards: the top-k of the activation dataset (and of the
-text-side dataset for a VL-SAE; `top_examples`), then, to name by top images, one pass over the
+text-side dataset for a VL-SAE; `top_examples`, whose tasks request `gpus_per_task` GPUs when
+the Ray cluster has GPUs and `device` allows), then, to name by top images, one pass over the
 embedding dataset that fetches the embeddings of the top rows' items and sums all unit
 embeddings. The vocabulary is embedded once in the driver.
 """
@@ -21,6 +22,7 @@ from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import shard_dataset
 from vlsae_ray.activations.sources import source_items
 from vlsae_ray.config import BackboneConfig, LabelConfig, SourceConfig
+from vlsae_ray.devices import gpu_request
 from vlsae_ray.eval.metrics import nan_to_none
 from vlsae_ray.interpret.catalog import CATALOG_FILE, write_catalog
 from vlsae_ray.interpret.naming import (
@@ -155,10 +157,11 @@ def run_label(config: LabelConfig) -> LabelSummary:
     # a bad vocabulary fails before the passes
     vocabulary = load_vocabulary(config.vocabulary) if config.naming_method != "none" else []
     connect_ray()
-    images = top_examples(config.activations, config.sae, config.top_k, config.batch_size)
+    gpus = gpu_request(config.device, config.gpus_per_task, "label's SAE tasks", "gpus_per_task")
+    images = top_examples(config.activations, config.sae, config.top_k, config.batch_size, gpus)
     texts = captions = None
     if config.text_activations is not None:
-        texts = top_examples(config.text_activations, config.sae, config.top_k, config.batch_size)
+        texts = top_examples(config.text_activations, config.sae, config.top_k, config.batch_size, gpus)
         captions = _captions(config.text_activations, set(texts.source_ids.values()))
     method, names = _names(config, images, vocabulary)
 

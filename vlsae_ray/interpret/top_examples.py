@@ -1,6 +1,7 @@
 """Each latent's exact top-k activating rows of an activation dataset, as a Ray Data map-merge.
 
-Map (one Ray task per shard): encode the shard with the SAE, keep each latent's k largest
+Map (one Ray task per shard, on a GPU when the cluster has them; `vlsae_ray.devices`): encode the
+shard with the SAE into sparse latents (no dense [rows, F] matrix), keep each latent's k largest
 activations with their global row ids (the row's position in the dataset: shards in manifest
 order, rows in shard order), and count how often each latent fires. Merge (in the driver, as the
 shard results arrive): the top-k of the union of kept and new candidates. Ties go to the smaller
@@ -18,7 +19,9 @@ import torch
 
 from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import shard_dataset
+from vlsae_ray.devices import assigned_device
 from vlsae_ray.sae.base import load_sae
+from vlsae_ray.sae.kernels import SparseLatents
 
 # the row id of padding in a shard with fewer than k rows: its -inf value never wins
 _NO_ROW = torch.iinfo(torch.long).max
@@ -33,9 +36,10 @@ def merge_top_k(values_mf: torch.Tensor, rows_mf: torch.Tensor, k: int) -> tuple
 
 
 class TopK:
-    """Running exact top-k per column of a stream of [n, F] matrices, with global row indices.
+    """Running exact top-k per latent of a stream of SAE latents, with global row indices.
 
     `update` takes the next rows of the stream, or any rows with `first_row` saying where they start.
+    The result equals the top-k of each column of the dense [rows, F] latents (inactive = 0).
     """
 
     def __init__(self, k: int, n_columns: int):
@@ -44,11 +48,35 @@ class TopK:
         self.rows_kf = torch.zeros((0, n_columns), dtype=torch.long)
         self.seen = 0
 
-    def update(self, values_nf: torch.Tensor, first_row: int | None = None) -> None:
+    def update(self, z: SparseLatents, first_row: int | None = None) -> None:
+        """Add a batch's latents: O(entries + k·F), never the dense [B, F].
+
+        Candidates are the batch's first k rows (dense) and the active entries of later rows. That
+        is exact because latents are never negative: a later row where a latent is inactive (0) is
+        beaten by each of the first k rows (each >= 0 and earlier), so it cannot be in the top k.
+        """
         first_row = self.seen if first_row is None else first_row
-        rows_nf = torch.arange(first_row, first_row + values_nf.shape[0]).unsqueeze(1).expand_as(values_nf)
-        self.seen = max(self.seen, first_row + values_nf.shape[0])
-        self.merge(values_nf.float(), rows_nf)
+        self.seen = max(self.seen, first_row + z.batch_size)
+        head = min(self.k, z.batch_size)
+        in_head_n = z.rows_n < head
+        head_hf = z.values_n.new_zeros(head, z.n_latents)
+        head_hf[z.rows_n[in_head_n], z.indices_n[in_head_n]] = z.values_n[in_head_n]
+        head_rows_hf = torch.arange(first_row, first_row + head).unsqueeze(1).expand(head, z.n_latents)
+        # rank each latent's later entries: larger first, ties to the earlier row (entries are row-ordered)
+        rest_n = ~in_head_n
+        latent_n, value_n, row_n = z.indices_n[rest_n], z.values_n[rest_n], z.rows_n[rest_n]
+        order_n = value_n.argsort(descending=True, stable=True)
+        order_n = order_n[latent_n[order_n].argsort(stable=True)]
+        latent_n, value_n, row_n = latent_n[order_n], value_n[order_n], row_n[order_n]
+        counts_f = torch.bincount(latent_n, minlength=z.n_latents)
+        rank_n = torch.arange(latent_n.numel()) - (counts_f.cumsum(0) - counts_f)[latent_n]
+        keep_n = rank_n < self.k
+        depth = int(counts_f.max().clamp(max=self.k)) if latent_n.numel() else 0
+        rest_kf = torch.full((depth, z.n_latents), float("-inf"))
+        rest_rows_kf = torch.full((depth, z.n_latents), _NO_ROW)
+        rest_kf[rank_n[keep_n], latent_n[keep_n]] = value_n[keep_n].float()
+        rest_rows_kf[rank_n[keep_n], latent_n[keep_n]] = row_n[keep_n] + first_row
+        self.merge(torch.cat([head_hf.float(), rest_kf]), torch.cat([head_rows_hf, rest_rows_kf]))
 
     def merge(self, values_mf: torch.Tensor, rows_mf: torch.Tensor) -> None:
         """Fold in candidates [m, F] with their global rows (another TopK's result, say)."""
@@ -68,16 +96,17 @@ class TopExamples(NamedTuple):
 @torch.no_grad()
 def _shard_top_k(batch: dict, dataset: str, sae_uri: str, k: int, batch_size: int) -> dict:
     """The map step: one shard's top-k per latent, its firing counts and the source ids of its top rows."""
-    sae = load_sae(sae_uri)
+    device = assigned_device()
+    sae = load_sae(sae_uri).to(device)
     record = store.ShardRecord.model_validate_json(str(batch["record"][0]))
     offset = int(batch["offset"][0])
     x_nd, source_ids, _ = store.read_shard(dataset, record)
     top = TopK(k, sae.config.n_latents)
     firing_f = torch.zeros(sae.config.n_latents, dtype=torch.long)
     for start in range(0, x_nd.shape[0], batch_size):
-        z_bf = sae.encode(x_nd[start : start + batch_size].float())
-        top.update(z_bf, first_row=offset + start)
-        firing_f += (z_bf > 0).sum(0)
+        z = sae.encode_sparse(x_nd[start : start + batch_size].float().to(device)).to("cpu")
+        top.update(z, first_row=offset + start)
+        firing_f += torch.bincount(z.indices_n[z.values_n > 0], minlength=sae.config.n_latents)
     missing = k - top.values_kf.shape[0]  # fewer rows than k: pad, so every shard's result is [k, F]
     values_kf = torch.cat([top.values_kf, torch.full((missing, top.values_kf.shape[1]), float("-inf"))])
     rows_kf = torch.cat([top.rows_kf, torch.full((missing, top.rows_kf.shape[1]), _NO_ROW)])
@@ -90,8 +119,11 @@ def _shard_top_k(batch: dict, dataset: str, sae_uri: str, k: int, batch_size: in
     }
 
 
-def top_examples(dataset: str, sae_uri: str, k: int, batch_size: int = 1024) -> TopExamples:
-    """Each latent's exact top-k rows of `dataset` under the SAE at `sae_uri`, on the Ray cluster."""
+def top_examples(dataset: str, sae_uri: str, k: int, batch_size: int = 1024, gpus: float = 0) -> TopExamples:
+    """Each latent's exact top-k rows of `dataset` under the SAE at `sae_uri`, on the Ray cluster.
+
+    Each map task requests `gpus` GPUs (`vlsae_ray.devices.gpu_request` decides how many).
+    """
     sae = load_sae(sae_uri)
     manifest = store.read_manifest(dataset)
     if manifest.d != sae.config.d_in:
@@ -107,6 +139,7 @@ def top_examples(dataset: str, sae_uri: str, k: int, batch_size: int = 1024) -> 
         _shard_top_k,
         fn_kwargs={"dataset": dataset, "sae_uri": sae_uri, "k": k, "batch_size": batch_size},
         batch_size=1,
+        num_gpus=gpus,
     )
     for result in shards.iter_rows():
         top.merge(torch.tensor(result["values_kf"]), torch.tensor(result["rows_kf"]))

@@ -115,6 +115,12 @@ class SparseLatents:
         dense_bf = self.values_n.new_zeros(self.batch_size, self.n_latents)
         return dense_bf.index_put((self.rows_n, self.indices_n), self.values_n)
 
+    def to(self, device: str | torch.device) -> SparseLatents:
+        """The same latents on `device` (results of a GPU forward, brought back to CPU)."""
+        return SparseLatents(
+            self.indices_n.to(device), self.values_n.to(device), self.offsets_b1.to(device), self.n_latents
+        )
+
     def l0(self) -> float:
         """Mean number of active (nonzero) latents per sample."""
         return float((self.values_n != 0).sum()) / max(1, self.batch_size)
