@@ -22,7 +22,11 @@ def _probe():
     from vlsae_ray.devices import assigned_device
 
     context = ray.get_runtime_context()
-    return {"gpu_ids": ray.get_gpu_ids(), "assigned": context.get_assigned_resources(), "device": str(assigned_device())}
+    return {
+        "gpu_ids": ray.get_gpu_ids(),
+        "assigned": context.get_assigned_resources(),
+        "device": str(assigned_device()),
+    }
 
 
 def run_jobs(root: str) -> dict:
@@ -74,7 +78,11 @@ def run_jobs(root: str) -> dict:
     )
     label = run_label(
         LabelConfig(
-            sae=f"{root}/sae", activations=extract.datasets[BLOCK], naming="none", batch_size=16, output=f"{root}/labels"
+            sae=f"{root}/sae",
+            activations=extract.datasets[BLOCK],
+            naming="none",
+            batch_size=16,
+            output=f"{root}/labels",
         )
     )
 
@@ -83,13 +91,18 @@ def run_jobs(root: str) -> dict:
     handle = serve.run(build_app(config), name="vlsae-gpu-jobs", route_prefix="/gpu-jobs")
     image = load_image(package_photo_items(1)[0]["id"])
     served = handle._encode_batch.remote(image).result(timeout_s=120)
-    actors = list_actors(detail=True, limit=10000, raise_on_missing_output=False)
+    cluster = {
+        "address": ray.get_runtime_context().gcs_address,
+        "detail": True,
+        "limit": 10000,
+    }  # not others' Rays
+    actors = list_actors(**cluster, raise_on_missing_output=False)
     serve.delete("vlsae-gpu-jobs")
-    tasks = list_tasks(detail=True, limit=10000, raise_on_missing_output=False)
+    tasks = list_tasks(**cluster, raise_on_missing_output=False)
 
     def requested(states: list, name: str) -> list[dict]:
         """The resources each actor (by class name) or task (by name) containing `name` asked for."""
-        return [s.required_resources for s in states if name in getattr(s, "class_name", None) or s.name]
+        return [s.required_resources for s in states if name in (getattr(s, "class_name", None) or s.name)]
 
     return {
         "probe": probe,

@@ -5,6 +5,7 @@ it: Ray schedules by it, torch in the workers sees no CUDA device, and the work 
 CPU) and give the same results as on the session cluster, which has no GPU.
 """
 
+import importlib.util
 import json
 import logging
 import os
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from gpu_jobs import BLOCK, run_jobs
 from vlsae_ray import storage
 from vlsae_ray.activations.extract import run_extract
 from vlsae_ray.backbones import builtin_backbone
@@ -22,6 +22,11 @@ from vlsae_ray.config import ConfigError, ExtractConfig, ServeConfig, parse_conf
 from vlsae_ray.devices import gpu_request
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).with_name("gpu_jobs.py")
+_spec = importlib.util.spec_from_file_location("gpu_jobs", SCRIPT)  # a script beside the tests
+gpu_jobs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_jobs)
+BLOCK = gpu_jobs.BLOCK
 
 
 def test_gpu_request_on_a_cluster_without_gpus(ray_cluster, caplog):
@@ -61,16 +66,19 @@ def logical_gpu_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("logical-gpu")
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    script = Path(__file__).with_name("gpu_jobs.py")
     subprocess.run(
-        [sys.executable, str(script), str(root), str(root / "run.json")], env=env, cwd=REPO, check=True, timeout=1200
+        [sys.executable, str(SCRIPT), str(root), str(root / "run.json")],
+        env=env,
+        cwd=REPO,
+        check=True,
+        timeout=1200,
     )
     return json.loads((root / "run.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def cpu_run(ray_cluster, tmp_path_factory) -> dict:
-    return run_jobs(str(tmp_path_factory.mktemp("cpu")))
+    return gpu_jobs.run_jobs(str(tmp_path_factory.mktemp("cpu")))
 
 
 KINDS = {  # what each kind of work requests per actor, replica or task on a GPU cluster (config defaults)

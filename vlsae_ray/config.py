@@ -309,7 +309,9 @@ class EvaluateConfig(Strict):
     grid_latents: int = Field(6, ge=0, description="highest-MS latents shown as top-image grids")
     batch_size: int = Field(1024, gt=0, description="rows per SAE forward")
     shards_per_task: int = Field(4, gt=0, description="shards each Ray task reduces to one partial")
-    cpus_per_task: float = Field(1.0, gt=0, description="CPUs of each Ray task")
+    cpus_per_task: float = Field(
+        1.0, gt=0, description="CPUs of each Ray task on CPU (a task on GPU takes one, as Ray Data's do)"
+    )
     device: Device = Field("auto", description=f"the Ray tasks' SAE forwards: {DEVICE_HELP}")
     gpus_per_task: GPUs = Field(
         0.25,

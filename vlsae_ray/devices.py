@@ -8,6 +8,7 @@ the device is what Ray assigned it (`ray.get_gpu_ids()`), so it never takes a GP
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -51,6 +52,11 @@ def assigned_device() -> torch.device:
     if not gpu_ids:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        log.warning("Ray assigned GPU %s but torch sees no CUDA device: running on CPU", gpu_ids)
+        _say_no_cuda(tuple(gpu_ids))
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+@functools.cache  # once per worker process, not per task
+def _say_no_cuda(gpu_ids: tuple) -> None:
+    log.warning("Ray assigned GPU %s but torch sees no CUDA device: running on CPU", list(gpu_ids))

@@ -54,6 +54,11 @@ class PassPlan:
     gpus_per_task: float = 0.0
 
     @property
+    def task_resources(self) -> dict[str, float]:
+        """Each task's Ray resources: a GPU share, or CPUs (Ray Data gives a GPU task one CPU)."""
+        return {"num_gpus": self.gpus_per_task} if self.gpus_per_task else {"num_cpus": self.cpus_per_task}
+
+    @property
     def measured(self) -> tuple[str, ...]:
         """Every checkpoint measured in pass 1: `sae` first, then the others."""
         return tuple(dict.fromkeys([*([self.sae] if self.sae else []), *self.checkpoints]))
@@ -214,8 +219,7 @@ def first_pass(plan: PassPlan) -> FirstPass:
         _first_partial,
         fn_kwargs={"plan": plan},
         batch_size=plan.shards_per_task,
-        num_cpus=plan.cpus_per_task,
-        num_gpus=plan.gpus_per_task,
+        **plan.task_resources,
     )
     total = None
     for part in _reduce(ds):
@@ -231,8 +235,7 @@ def ms_pass(plan: PassPlan, bounds: FirstPass) -> tuple[torch.Tensor, torch.Tens
         _ms_partial,
         fn_kwargs={"plan": plan, "bounds": bounds},
         batch_size=plan.shards_per_task,
-        num_cpus=plan.cpus_per_task,
-        num_gpus=plan.gpus_per_task,
+        **plan.task_resources,
     )
     neurons = latents = None
     for part_neurons, part_latents in _reduce(ds):
