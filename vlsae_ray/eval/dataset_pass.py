@@ -134,15 +134,15 @@ def _first_partial(batch: dict[str, np.ndarray], plan: PassPlan) -> dict[str, np
                 part.neurons.observe(x_bd)
             for uri, sae in saes.items():
                 x_hat_bd, z, _ = sae(x_bd.to(device), sparse_latents=True)
-                x_hat_bd, z = x_hat_bd.cpu(), z.to("cpu")
                 groups = len(sae.config.group_ends) if isinstance(sae.config, MatryoshkaConfig) else 0
+                prefixes = [x_hat.cpu() for x_hat in _prefix_reconstructions(sae, z)] if groups else []
+                x_hat_bd, z = x_hat_bd.cpu(), z.to("cpu")
                 stats = part.stats.setdefault(
                     uri, ReconstructionStats(x_nd.shape[1], sae.config.n_latents, groups)
                 )
                 stats.update(x_bd, x_hat_bd, z)
                 if groups:
-                    prefixes = _prefix_reconstructions(sae, z.to(device))
-                    stats.update_prefixes(x_bd, [x_hat.cpu() for x_hat in prefixes])
+                    stats.update_prefixes(x_bd, prefixes)
                 if uri == plan.sae:
                     if part.latents is not None:
                         part.latents.observe(z)
