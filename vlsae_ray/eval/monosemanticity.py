@@ -91,7 +91,7 @@ class MonosemanticityAccumulator:
         entries_fn = torch.sparse_coo_tensor(
             torch.stack([latent_n, z.rows_n]), delta_n, (z.n_latents, n), check_invariants=False
         )
-        self.weighted_fe += off_f[:, None] * unit_nd.sum(0) + torch.sparse.mm(entries_fn, unit_nd)
+        self.weighted_fe.addr_(off_f, unit_nd.sum(0)).add_(torch.sparse.mm(entries_fn, unit_nd))
         self.sum_f += n * off_f + torch.zeros_like(off_f).index_add_(0, latent_n, delta_n)
         squares_f = torch.zeros_like(off_f).index_add_(0, latent_n, delta_squares_n)
         self.sum_squares_f += n * off_f.pow(2) + squares_f
