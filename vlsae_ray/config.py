@@ -284,7 +284,18 @@ class ZeroShotConfig(Strict):
     batch_size: int = Field(256, gt=0, description="images per forward")
 
 
-class EvaluateConfig(Strict):
+class SAETasksConfig(Strict):
+    """Where a job's Ray tasks run their SAE forwards (evaluate, label)."""
+
+    device: Device = Field("auto", description=f"the Ray tasks' SAE forwards: {DEVICE_HELP}")
+    gpus_per_task: GPUs = Field(
+        0.25,
+        description="GPUs of each Ray task when on GPU: tasks read shards as much as they compute, so by "
+        "default four share a GPU; 1 for an SAE that fills one",
+    )
+
+
+class EvaluateConfig(SAETasksConfig):
     """The evaluate job: FVU, L0, dead latents, MS, uniqueness, downstream checks and a report."""
 
     sae: str = Field(description="URI of a saved SAE (the one the MS, uniqueness and plots describe)")
@@ -312,16 +323,10 @@ class EvaluateConfig(Strict):
     cpus_per_task: float = Field(
         1.0, gt=0, description="CPUs of each Ray task on CPU (a task on GPU takes one, as Ray Data's do)"
     )
-    device: Device = Field("auto", description=f"the Ray tasks' SAE forwards: {DEVICE_HELP}")
-    gpus_per_task: GPUs = Field(
-        0.25,
-        description="GPUs of each Ray task when on GPU: tasks read shards as much as they compute, so by "
-        "default four share a GPU; 1 for an SAE that fills one",
-    )
     output: str = Field(description="URI of the folder the report is written to")
 
 
-class LabelConfig(Strict):
+class LabelConfig(SAETasksConfig):
     """The label job: each latent's top examples and name, written to the concept catalog."""
 
     sae: str = Field(description="URI of a saved SAE")
@@ -357,12 +362,6 @@ class LabelConfig(Strict):
     )
     top_k: int = Field(9, gt=0, description="top-activating examples kept per latent")
     batch_size: int = Field(1024, gt=0, description="rows per SAE forward")
-    device: Device = Field("auto", description=f"the Ray tasks' SAE forwards: {DEVICE_HELP}")
-    gpus_per_task: GPUs = Field(
-        0.25,
-        description="GPUs of each Ray task when on GPU: tasks read shards as much as they compute, so by "
-        "default four share a GPU; 1 for an SAE that fills one",
-    )
     output: str = Field(description="URI of the folder the catalog is written to")
 
     @model_validator(mode="after")
