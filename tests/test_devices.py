@@ -89,6 +89,7 @@ KINDS = {  # what each kind of work requests per actor, replica or task on a GPU
 }
 
 
+@pytest.mark.slow
 def test_every_kind_of_work_requests_a_gpu_on_a_cluster_with_one(logical_gpu_run):
     for kind, gpus in KINDS.items():
         assert logical_gpu_run[kind], kind
@@ -98,6 +99,7 @@ def test_every_kind_of_work_requests_a_gpu_on_a_cluster_with_one(logical_gpu_run
     assert probe["gpu_ids"] and probe["assigned"]["GPU"] == 0.5 and probe["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_no_gpu_is_requested_on_a_cluster_without_one(cpu_run):
     for kind in KINDS:
         assert cpu_run[kind], kind
@@ -106,6 +108,7 @@ def test_no_gpu_is_requested_on_a_cluster_without_one(cpu_run):
     assert "GPU" not in cpu_run["probe"]["assigned"]
 
 
+@pytest.mark.slow
 def test_work_on_a_logical_gpu_gives_the_cpu_results(cpu_run, logical_gpu_run):
     for key in ("rows", "firing_counts", "served"):
         assert logical_gpu_run[key] == json.loads(json.dumps(cpu_run[key])), key
