@@ -31,7 +31,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-
 # S3's limits: a part is 5 MiB to 5 GiB (the last may be smaller), an upload at most 10,000 parts.
 MIN_PART_SIZE, MAX_PART_SIZE, MAX_PARTS = 5 * 2**20, 5 * 2**30, 10_000
 PART_SIZE = 64 * 2**20  # a 128 GiB latent shard in 2048 parts; one part in memory at a time
@@ -233,8 +232,13 @@ def _write_s3(uri: str, chunks: Iterable[bytes | bytearray | memoryview]) -> Non
                     f" {PART_SIZE_ENV} larger"
                 )
             response = _s3_call(
-                uri, client.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
-                PartNumber=len(done) + 1, Body=body,
+                uri,
+                client.upload_part,
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=len(done) + 1,
+                Body=body,
             )
             # the part's checksum (botocore adds one by default), which completing the upload needs
             checksums = {name: value for name, value in response.items() if name.startswith("Checksum")}
@@ -242,7 +246,11 @@ def _write_s3(uri: str, chunks: Iterable[bytes | bytearray | memoryview]) -> Non
             del body  # before the next part is allocated: one part in memory at a time
             body = next(parts, b"")
         _s3_call(
-            uri, client.complete_multipart_upload, Bucket=bucket, Key=key, UploadId=upload_id,
+            uri,
+            client.complete_multipart_upload,
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
             MultipartUpload={"Parts": done},
         )
     except BaseException:
