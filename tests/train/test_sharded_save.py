@@ -17,16 +17,13 @@ import torch
 
 from vlsae_ray import storage
 from vlsae_ray.sae import SparseAutoencoder, checkpoint
+from vlsae_ray.train.plan import save_plan
 
 WORKER = Path(__file__).with_name("save_worker.py")
 WORLD = 4
 # A shard of 16384 latents x 512: W_enc and W_dec 32 MiB each, 13 parts of 5 MiB.
 SAE = {"architecture": "batchtopk", "d_in": 512, "n_latents": WORLD * 16384, "k": 8}
 KILLED_SAVE_EXIT = 3
-# What a rank's save may add to its peak memory: two upload parts (one is what the writer holds)
-# plus 8 MiB for Python, gloo's exchange of the file records and allocator rounding. Half a shard
-# or more would be a copy of it.
-SLACK = 8 * 2**20
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -66,14 +63,14 @@ def test_four_shard_save_holds_no_gathered_copy_loads_whole_and_survives_a_kille
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == (KILLED_SAVE_EXIT if rank == 0 else 0), stderr[-3000:]
 
-    # Memory: each rank's save adds at most one part and a fixed slack, far less than its shard;
-    # the gather it replaces adds the whole SAE (the measurement sees a copy when there is one).
+    # Memory: each rank's save adds at most what `vlsae plan` counts (three parts), far less than
+    # its shard; the gather it replaces adds the whole SAE (the measurement sees a copy if there is one).
     results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
     shard_bytes = results[0]["shard_bytes"]
-    bound = 2 * storage.MIN_PART_SIZE + SLACK
-    assert bound < shard_bytes / 2
+    planned = save_plan(SAE["d_in"], SAE["n_latents"], 4, WORLD, storage.MIN_PART_SIZE)
+    assert planned.extra_memory < shard_bytes / 4
     for result in results:
-        assert result["save_extra"] <= bound, results
+        assert result["save_extra"] <= planned.extra_memory, results
     assert results[0]["gather_extra"] >= WORLD * shard_bytes * 0.9, results
 
     # The killed save's shards were written, but the index still names the first save's files.
@@ -95,9 +92,10 @@ def test_four_shard_save_holds_no_gathered_copy_loads_whole_and_survives_a_kille
         data = storage.read_bytes(storage.join(uri, record["file"]))
         assert record["latents"] == [s * 16384, (s + 1) * 16384]
         assert len(data) == record["bytes"] and hashlib.sha256(data).hexdigest() == record["sha256"]
+        # the plan's figures: the shard's parameters (shard 0 adds the header and three scalars)
+        assert 0 <= record["bytes"] - planned.bytes_per_rank < 1024
         if where == "s3":  # a multipart upload's ETag counts its parts
-            parts = -(-record["bytes"] // storage.MIN_PART_SIZE)
-            assert storage.version(storage.join(uri, record["file"])).endswith(f"-{parts}")
+            assert storage.version(storage.join(uri, record["file"])).endswith(f"-{planned.parts_per_file}")
 
     # Part of the SAE without the rest: rows across the boundary of shards 0 and 1.
     config, part = checkpoint.read(uri, latents=slice(16384 - 3, 16384 + 5))

@@ -43,7 +43,6 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "sae.safetensors.index.json"
 INDEX_FORMAT = 1
 SHARD_FILE = re.compile(r"sae-\d{5}-of-\d{5}\.[0-9a-f]+\.safetensors")
-BLOCK_BYTES = 16 * 2**20  # a tensor streams in blocks of this size (copied one at a time off a GPU)
 DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -70,9 +69,10 @@ def _bytes_of(tensor: torch.Tensor):
 
 
 def _blocks(tensor: torch.Tensor) -> Iterator[memoryview]:
-    """The bytes of `tensor` in blocks of at most BLOCK_BYTES (no copy of a contiguous CPU tensor)."""
+    """The bytes of `tensor` in blocks of one upload part: views of a contiguous CPU tensor, or
+    copies made one at a time off a GPU."""
     flat = tensor.detach().contiguous().reshape(-1)
-    step = max(1, BLOCK_BYTES // flat.element_size())
+    step = max(1, storage.part_size() // flat.element_size())
     for start in range(0, flat.numel(), step):
         yield memoryview(_bytes_of(flat[start : start + step].cpu()))
 
