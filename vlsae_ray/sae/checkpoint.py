@@ -12,7 +12,7 @@ Under a checkpoint folder URI, either form:
 
 The saved state has the input scale folded in (`SparseAutoencoder.folded_state_dict`), and the
 sharded form holds exactly the single file's tensors, split by rows. A latent tensor is one whose
-shape suffix starts with f (`W_enc_fd`, `b_enc_f`, `W_dec_fd`, `log_threshold_f`): its rows are
+shape suffix is f or fd (`W_enc_fd`, `b_enc_f`, `W_dec_fd`, `log_threshold_f`): its rows are
 latents. Files are written by streaming each tensor's bytes (`storage.write_stream`), so a save
 holds no second copy of the weights, and large files go to S3 in parts.
 
