@@ -24,6 +24,9 @@ through unchanged, and the centred input, used by every shard's encoder, all-red
 gradient (the b_dec gradient is the sum of the shards' encoder parts plus the replicated
 decoder part). The AuxK loss (Gao et al. 2024, sec. A.2) selects among dead latents the same
 way; dead-latent statistics stay with the shard that owns the latents.
+
+Saving (`LatentShardedSAE.save`): each shard writes its own rows as one file of a sharded
+checkpoint (`vlsae_ray.sae.checkpoint`), so no rank ever holds the whole SAE.
 """
 
 from __future__ import annotations
