@@ -1,5 +1,6 @@
 import collections
 import contextlib
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -198,3 +199,66 @@ def test_local_folder_racing_loaders_share_one_copy(s3_root, tmp_path, monkeypat
         folders = list(pool.map(lambda _: storage.local_folder(prefix), range(4)))
     assert len(set(folders)) == 1 and folder_files(folders[0]) == FOLDER
     assert [path.name for path in (tmp_path / "cache" / "folders").iterdir()] == [Path(folders[0]).name]
+
+
+MiB = 2**20
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """S3's smallest part size, so a test object of a few MiB goes up in parts."""
+    monkeypatch.setenv(storage.PART_SIZE_ENV, str(storage.MIN_PART_SIZE))
+    return storage.MIN_PART_SIZE
+
+
+@pytest.mark.parametrize("size", [5 * MiB - 1, 5 * MiB, 10 * MiB, 12 * MiB + 3])
+def test_large_objects_go_up_in_parts_and_read_back_whole(s3_root, small_parts, size):
+    data = os.urandom(size)
+    uri = storage.join(s3_root, "big.bin")
+    # uneven chunks, one of them larger than a part, as a tensor's row blocks would come
+    cuts = [cut for cut in (0, 7, 3 * MiB, 9 * MiB) if cut < size] + [size]
+    chunks = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
+    with s3_calls() as calls:
+        storage.write_stream(uri, chunks)
+    assert storage.read_bytes(uri) == data
+    parts = -(-size // small_parts) if size >= small_parts else 0
+    assert calls["UploadPart"] == parts
+    assert calls["PutObject"] == (0 if parts else 1)
+    middle = bytearray(MiB)
+    storage.read_into(uri, size // 2, middle)  # a ranged read
+    assert bytes(middle) == data[size // 2 : size // 2 + MiB]
+
+
+def test_failed_multipart_upload_is_aborted_and_keeps_the_old_object(s3_root, small_parts):
+    uri = storage.join(s3_root, "big.bin")
+    storage.write_bytes(uri, b"old")
+
+    def chunks():
+        yield os.urandom(12 * MiB)  # two parts go up, then the writer fails
+        raise OSError("the writer died")
+
+    with pytest.raises(OSError, match="the writer died"), s3_calls() as calls:
+        storage.write_stream(uri, chunks())
+    assert calls["UploadPart"] == 2 and calls["AbortMultipartUpload"] == 1
+    assert storage.read_bytes(uri) == b"old"
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    pending = storage.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+    assert pending == []
+
+
+def test_local_stream_write_and_ranged_read(tmp_path):
+    uri = str(tmp_path / "f.bin")
+    storage.write_stream(uri, [b"ab", memoryview(b"cdef"), bytearray(b"g")])
+    assert storage.read_bytes(uri) == b"abcdefg"
+    out = bytearray(3)
+    storage.read_into(uri, 2, out)
+    assert out == b"cde"
+    with pytest.raises(storage.StorageError, match="truncated"):
+        storage.read_into(uri, 5, bytearray(4))
+
+
+@pytest.mark.parametrize("value", ["1000", "5MiB", str(6 * 2**30)])
+def test_bad_part_size_names_the_variable(s3_root, monkeypatch, value):
+    monkeypatch.setenv(storage.PART_SIZE_ENV, value)
+    with pytest.raises(storage.StorageError, match=f"VLSAE_S3_PART_SIZE='{value}'.*between 5242880"):
+        storage.write_bytes(storage.join(s3_root, "x"), b"x")

@@ -7,8 +7,11 @@ and credentials come from the standard AWS configuration: `AWS_ENDPOINT_URL_S3` 
 endpoint we use path-style addressing, which S3-compatible servers need.
 
 Writes are whole-object and atomic: a local write goes to a temporary name in the same folder
-and is renamed over the target; an S3 PUT is atomic by itself. A reader never sees half an
-object, and a failure halfway leaves what was there before.
+and is renamed over the target; an S3 object of one part is one PUT, a larger one a multipart
+upload (parts of `part_size()` bytes, `VLSAE_S3_PART_SIZE`), which S3 makes visible only when it
+completes and which is aborted on failure. A reader never sees half an object, and a failure
+halfway leaves what was there before. `write_stream` writes an object from a sequence of buffers
+(a tensor's rows, say) holding at most one part of it in memory.
 
 A prefix is a folder: `list_prefix("s3://b/models/clip")` lists the objects under `models/clip/`,
 at any depth. Libraries that can only read a local folder get one from `local_folder`, which
@@ -17,14 +20,21 @@ copies an s3:// prefix into this machine's cache (`cache_dir`) once per version 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
+
+# S3's limits: a part is 5 MiB to 5 GiB (the last may be smaller), an upload at most 10,000 parts.
+MIN_PART_SIZE, MAX_PART_SIZE, MAX_PARTS = 5 * 2**20, 5 * 2**30, 10_000
+PART_SIZE = 64 * 2**20  # a 128 GiB latent shard in 2048 parts; one part in memory at a time
+PART_SIZE_ENV = "VLSAE_S3_PART_SIZE"
 
 
 class StorageError(RuntimeError):
@@ -118,23 +128,135 @@ def read_bytes(uri: str) -> bytes:
     return _local_path(uri).read_bytes()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write the whole object at `uri` atomically (readers see the old or the new, never a part)."""
+def read_into(uri: str, offset: int, buffer: bytearray | memoryview) -> None:
+    """Fill the writable `buffer` with the object's bytes from `offset` on (a ranged GET on S3)."""
+    view = memoryview(buffer).cast("B")
+    size, filled = view.nbytes, 0
+    if size == 0:
+        return
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+        byte_range = f"bytes={offset}-{offset + size - 1}"
+        body = _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key, Range=byte_range)["Body"]
+        for chunk in body.iter_chunks(2**20):
+            if filled + len(chunk) > size:
+                break
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+    else:
+        with _local_path(uri).open("rb") as f:
+            f.seek(offset)
+            while filled < size and (n := f.readinto(view[filled:])):
+                filled += n
+    if filled != size:
+        raise StorageError(
+            f"{uri!r} does not hold bytes {offset}..{offset + size}: the object is truncated or not the"
+            " one expected; write it again"
+        )
+
+
+def part_size() -> int:
+    """Bytes per part of an S3 multipart upload: $VLSAE_S3_PART_SIZE, else PART_SIZE."""
+    raw = os.environ.get(PART_SIZE_ENV, str(PART_SIZE))
+    if not raw.isdigit() or not MIN_PART_SIZE <= int(raw) <= MAX_PART_SIZE:
+        raise StorageError(
+            f"{PART_SIZE_ENV}={raw!r} is not a part size S3 takes: set it to a number of bytes between"
+            f" {MIN_PART_SIZE} (5 MiB) and {MAX_PART_SIZE} (5 GiB)"
+        )
+    return int(raw)
+
+
+def write_bytes(uri: str, data: bytes | bytearray | memoryview) -> None:
+    """Write the whole object at `uri` atomically (readers see the old or the new, never a part)."""
+    write_stream(uri, [data])
+
+
+def write_stream(uri: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+    """Write the concatenation of `chunks` as the object at `uri`, atomically, chunk by chunk.
+
+    Locally the chunks go straight to the temporary file; to S3 they are packed into parts of
+    `part_size()` bytes, so the write holds one part beside the caller's buffers.
+    """
+    if is_s3(uri):
+        _write_s3(uri, chunks)
         return
     path = _local_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _parts(chunks: Iterable[bytes | bytearray | memoryview], size: int) -> Iterator[bytearray]:
+    """The bytes of `chunks` regrouped into parts of `size` bytes; the last one shorter (or empty)."""
+    part, filled = bytearray(size), 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view.nbytes:
+            take = min(size - filled, view.nbytes)
+            part[filled : filled + take] = view[:take]
+            filled, view = filled + take, view[take:]
+            if filled == size:
+                yield part
+                del part  # the caller has dropped it too: one part in memory at a time
+                part, filled = bytearray(size), 0
+    del part[filled:]  # in place: no second copy of the last part
+    yield part
+
+
+def _write_s3(uri: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+    """One PUT for an object of less than one part, else a multipart upload, aborted on failure."""
+    bucket, key = _split_s3(uri)
+    client, size = s3_client(), part_size()
+    parts = _parts(chunks, size)
+    first = next(parts)
+    if len(first) < size:
+        _s3_call(uri, client.put_object, Bucket=bucket, Key=key, Body=first)
+        return
+    upload_id = _s3_call(uri, client.create_multipart_upload, Bucket=bucket, Key=key)["UploadId"]
+    try:
+        done, body = [], first
+        del first
+        while body:  # the last part is empty when the size is a multiple of the part size
+            if len(done) == MAX_PARTS:
+                raise StorageError(
+                    f"{uri!r} needs more than {MAX_PARTS} parts of {size} bytes, S3's limit: set"
+                    f" {PART_SIZE_ENV} larger"
+                )
+            response = _s3_call(
+                uri,
+                client.upload_part,
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=len(done) + 1,
+                Body=body,
+            )
+            # the part's checksum (botocore adds one by default), which completing the upload needs
+            checksums = {name: value for name, value in response.items() if name.startswith("Checksum")}
+            done.append({"PartNumber": len(done) + 1, "ETag": response["ETag"], **checksums})
+            del body  # before the next part is allocated: one part in memory at a time
+            body = next(parts, b"")
+        _s3_call(
+            uri,
+            client.complete_multipart_upload,
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": done},
+        )
+    except BaseException:
+        # no object appears; if even the abort fails, a bucket lifecycle rule collects the parts
+        with contextlib.suppress(Exception):
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         raise
 
 

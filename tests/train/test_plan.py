@@ -29,7 +29,7 @@ from vlsae_ray.cli import main
 from vlsae_ray.sae import TopKConfig, build_sae
 from vlsae_ray.train import SAETrainer
 from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
-from vlsae_ray.train.plan import format_plan, plan
+from vlsae_ray.train.plan import S3_PUT_LIMIT, format_plan, format_save, plan
 
 # measured peak / planned peak of one step. The AuxK term assumes every latent is dead: the runs
 # below make them so (dead_tokens_threshold=0).
@@ -254,6 +254,35 @@ def test_flops_and_communication_of_a_known_case():
     assert c.comm.reconstruction == 3 * (2 * 31 * 2048 * 1024 * 2 // 32)
     assert c.comm.gradients == (2**19 * 2049 + 1024) * 2
     assert c.flops_per_worker == p.flops.total / 64
+
+
+def test_save_of_16m_latents_is_sharded_in_parts_and_flags_the_single_put_limit():
+    p = plan(1024, 2**24, 64, 4096, "fp32", 64, 80, part_size=64 * 2**20)
+    save = p.chosen.save
+    assert p.chosen.latent_shards == 64
+    n = 2 * 2**18 * 1024 + 2**18 + 1024  # one shard's parameters, as `parameters` counts them
+    assert save.bytes_per_rank == p.chosen.parameters == 4 * n
+    assert (save.files, save.objects) == (64, 66)
+    assert save.parts_per_file == math.ceil(4 * n / 2**26) == 33
+    assert save.extra_memory == 3 * 2**26 < save.bytes_per_rank / 10
+    assert save.whole_bytes == 4 * (2 * 2**24 * 1024 + 2**24 + 1024) > S3_PUT_LIMIT
+    text = format_plan(p)
+    assert "save: 66 objects (64 shard files, an index and config.json)" in text
+    assert "writes 2.00 GiB in 33 part(s) of 64 MiB" in text
+    assert "the whole SAE is 128.06 GiB: one file in one PUT would exceed S3's 5 GiB limit" in text
+
+
+def test_small_save_is_one_file_in_one_put():
+    p = plan(256, 4096, 32, 8192, "fp32", 8, 80, part_size=64 * 2**20)
+    save = p.chosen.save
+    assert (save.files, save.objects, save.parts_per_file) == (1, 2, 1)
+    assert not save.single_put_too_large and "PUT" not in format_plan(p)
+
+
+def test_a_file_over_10000_parts_names_the_part_size_to_set():
+    save = plan(1024, 2**24, 64, 4096, "fp32", 1, 2000, part_size=5 * 2**20).layout(1, 1).save
+    assert save.parts_per_file == math.ceil(save.whole_bytes / (5 * 2**20)) > 10_000
+    assert any("set VLSAE_S3_PART_SIZE to at least 14 MiB" in line for line in format_save(save))
 
 
 @pytest.mark.parametrize(

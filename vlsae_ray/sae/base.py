@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import abc
 import functools
-import json
 from typing import ClassVar, NamedTuple
 
-import safetensors.torch
 import torch
 from torch import nn
 
 from vlsae_ray import storage
-from vlsae_ray.sae import kernels
+from vlsae_ray.sae import checkpoint, kernels
 from vlsae_ray.sae.config import BaseSAEConfig
 from vlsae_ray.sae.init import geometric_median, input_scale
 from vlsae_ray.sae.kernels import SparseLatents
 
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "config.json"
+WEIGHTS_FILE, CONFIG_FILE = checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE
 
 
 class Forward(NamedTuple):
@@ -258,9 +255,12 @@ class SparseAutoencoder(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def folded_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state with the input scale folded into the biases (so input_scale = 1)."""
+        """The state with the input scale folded into the biases (so input_scale = 1).
+
+        Tensors the folding leaves alone are the module's own, detached (no copy of the weights).
+        """
         s = self.input_scale
-        state = {name: t.detach().clone() for name, t in self.state_dict().items()}
+        state = {name: t.detach() for name, t in self.state_dict().items()}
         if self.has_encoder_bias:
             state["b_enc_f"] = s * self.b_enc_f
         state["b_dec_d"] = s * self.b_dec_d
@@ -268,30 +268,36 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         return state
 
     def save(self, uri: str) -> None:
-        """Write `sae.safetensors` and `config.json` under the folder `uri` (local path or s3://)."""
-        state = {name: t.detach().cpu().contiguous() for name, t in self.folded_state_dict().items()}
-        storage.write_bytes(storage.join(uri, WEIGHTS_FILE), safetensors.torch.save(state))
-        storage.write_text(storage.join(uri, CONFIG_FILE), self.config.model_dump_json(indent=2))
+        """Write `sae.safetensors` and `config.json` under the folder `uri` (local path or s3://).
+
+        The format is `vlsae_ray.sae.checkpoint`'s single file; a latent-sharded SAE saves one file
+        per shard instead (`LatentShardedSAE.save`). `load` reads both.
+        """
+        checkpoint.save_single(uri, self.folded_state_dict(), self.config.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, uri: str, device: str | torch.device = "cpu") -> SparseAutoencoder:
-        """The SAE saved under `uri`, as the subclass its config's architecture names."""
-        from vlsae_ray.sae import parse_config
-
-        try:
-            config_json = storage.read_text(storage.join(uri, CONFIG_FILE))
-            weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
-        except FileNotFoundError as error:
-            raise FileNotFoundError(
-                f"no SAE checkpoint at {uri!r}: expected {CONFIG_FILE} and {WEIGHTS_FILE} in that folder"
-            ) from error
-        config = parse_config(json.loads(config_json))
+        """The SAE saved under `uri` (either form), as the subclass its config's architecture names."""
+        config_dict, state = checkpoint.read(uri)
+        config = _parse(config_dict)
         module_cls = ARCHITECTURES[config.architecture][1]
         if not issubclass(module_cls, cls):
             raise TypeError(f"{uri!r} holds a {module_cls.__name__}, not a {cls.__name__}")
-        sae = module_cls(config)
-        sae.load_state_dict(safetensors.torch.load(weights))
+        with torch.device("meta"):  # no random init of weights that are read next
+            sae = module_cls(config)
+        sae.load_state_dict(state, assign=True)
         return sae.to(device)
+
+
+def _parse(config_dict: dict) -> BaseSAEConfig:
+    from vlsae_ray.sae import parse_config
+
+    return parse_config(config_dict)
+
+
+def load_config(uri: str) -> BaseSAEConfig:
+    """The config of the SAE saved under `uri`, without reading its weights."""
+    return _parse(checkpoint.read_config(uri))
 
 
 @functools.cache
@@ -301,4 +307,4 @@ def _load_eval(uri: str, version: str) -> SparseAutoencoder:  # version: a chang
 
 def load_sae(uri: str) -> SparseAutoencoder:
     """The SAE at `uri` in eval mode, loaded once per process (Ray reuses worker processes across tasks)."""
-    return _load_eval(uri, storage.version(storage.join(uri, WEIGHTS_FILE)))
+    return _load_eval(uri, storage.version(checkpoint.commit_uri(uri)))

@@ -24,6 +24,9 @@ through unchanged, and the centred input, used by every shard's encoder, all-red
 gradient (the b_dec gradient is the sum of the shards' encoder parts plus the replicated
 decoder part). The AuxK loss (Gao et al. 2024, sec. A.2) selects among dead latents the same
 way; dead-latent statistics stay with the shard that owns the latents.
+
+Saving (`LatentShardedSAE.save`): each shard writes its own rows as one file of a sharded
+checkpoint (`vlsae_ray.sae.checkpoint`), so no rank ever holds the whole SAE.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlsae_ray.sae import SparseAutoencoder, SparseLatents, build_sae, kernels
+from vlsae_ray.sae import SparseAutoencoder, SparseLatents, build_sae, checkpoint, kernels
 from vlsae_ray.sae.base import Forward
 from vlsae_ray.sae.batchtopk import batch_topk
 from vlsae_ray.sae.topk import TopKConfig, normalized_mse
@@ -172,22 +175,40 @@ class LatentShardedSAE(nn.Module):
         sharded = cls(full.config, layout)
         rows = slice(sharded.offset, sharded.offset + sharded.n_local)
         state = {
-            name: tensor[rows] if name in ("W_enc_fd", "b_enc_f", "W_dec_fd") else tensor
+            name: tensor[rows] if checkpoint.latent_tensor(name) else tensor
             for name, tensor in full.state_dict().items()
         }
         sharded.local.load_state_dict(state)
         return sharded
 
     def full_sae(self) -> SparseAutoencoder:
-        """The whole SAE, gathered from the group (collective: every rank of the group calls it)."""
+        """The whole SAE, gathered from the group (collective: every rank of the group calls it).
+
+        Every rank then holds all F latents: for tests and small SAEs; `save` writes without it.
+        """
         full = build_sae(self.config).to(self.local.b_dec_d.device)
         state = {}
         for name, tensor in self.local.state_dict().items():
-            if name in ("W_enc_fd", "b_enc_f", "W_dec_fd"):
+            if checkpoint.latent_tensor(name):
                 tensor = self.layout.gather_shards(tensor).flatten(0, 1)
             state[name] = tensor
         full.load_state_dict(state)
         return full
+
+    def save(self, uri: str) -> None:
+        """Save the whole SAE under `uri` as a sharded checkpoint, each rank writing its own shard.
+
+        Collective over the latent group: every rank of one group (one data index) calls it. No rank
+        gathers the others' weights; the group gathers the files' records and shard 0's rank commits
+        them (`vlsae_ray.sae.checkpoint`). `SparseAutoencoder.load(uri)` gives the full SAE.
+        """
+        rows = (self.offset, self.offset + self.n_local)
+        shard, shards = self.layout.shard_index, self.layout.latent_shards
+        record = checkpoint.write_shard(uri, shard, shards, rows, self.local.folded_state_dict())
+        records = [None] * shards
+        dist.all_gather_object(records, record, group=self.layout.latent_group)  # every shard is written
+        if shard == 0:
+            checkpoint.commit_sharded(uri, self.config.model_dump_json(indent=2), records)
 
     # The SAE interface the trainer uses, on the local shard.
     @property

@@ -72,6 +72,15 @@ worker sends with ring algorithms (an all-gather of c bytes per worker over G wo
 The dead-latent statistics (one flag per latent, all-reduced over P) and the scalar all-reduces
 are under 1% of the gradient all-reduce and left out.
 
+Saving the trained SAE (`vlsae_ray.sae.checkpoint`; host memory, not GPU memory, so outside `fits`):
+with W > 1 each rank of the first latent group writes its shard, n·a bytes, as one file (W files,
+an index and config.json), with no gather; with W = 1 rank 0 writes one file of the whole SAE.
+A file larger than one part (`storage.part_size()`, 64 MiB unless VLSAE_S3_PART_SIZE says
+otherwise) goes to S3 as a multipart upload of ceil(bytes / part) parts, at most 10,000; a single
+PUT takes at most 5 GiB. The save streams the weights, adding at most three parts of host memory
+per writing rank: a block copied off the GPU, the part being filled and the part going up (two
+measured on CPU, where the block is a view: tests/train/test_sharded_save.py).
+
 The layout chosen is the one that fits and sends the least per step (then: more data parallelism,
 a lower ZeRO stage). More data parallelism is not less communication for an SAE: its parameters
 (2·F·d) outweigh a batch's activations (B·d), so the all-reduce of replicated gradients costs more
@@ -83,7 +92,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from vlsae_ray import storage
+
 GiB = 2**30
+S3_PUT_LIMIT = 5 * GiB  # the largest object one S3 PUT takes
 INDEX_BYTES = 8  # torch.topk and the sparse codes use int64 indices
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -135,6 +147,37 @@ class StepFlops(NamedTuple):
         return sum(self)
 
 
+class SavePlan(NamedTuple):
+    """Saving the trained SAE from one layout (module docstring)."""
+
+    files: int  # weight files: one per latent shard
+    objects: int  # every object written: the weight files, config.json and a sharded save's index
+    bytes_per_rank: int  # what one writing rank uploads (shard 0's, the largest)
+    parts_per_file: int  # multipart parts of that file (1: one PUT)
+    part_size: int
+    extra_memory: int  # host memory the save adds to a writing rank
+    whole_bytes: int  # the whole SAE in one file
+
+    @property
+    def single_put_too_large(self) -> bool:
+        """Whether a single-file save in one PUT would exceed S3's limit."""
+        return self.whole_bytes > S3_PUT_LIMIT
+
+
+def save_plan(d: int, n_latents: int, a: int, latent_shards: int, part_size: int) -> SavePlan:
+    """The save of an SAE of F latents with parameters of `a` bytes split over `latent_shards` ranks."""
+    shard_bytes = (2 * (n_latents // latent_shards) * d + n_latents // latent_shards + d) * a
+    return SavePlan(
+        files=latent_shards,
+        objects=latent_shards + (2 if latent_shards > 1 else 1),
+        bytes_per_rank=shard_bytes,
+        parts_per_file=max(1, math.ceil(shard_bytes / part_size)),
+        part_size=part_size,
+        extra_memory=3 * part_size,
+        whole_bytes=(2 * n_latents * d + n_latents + d) * a,
+    )
+
+
 class LayoutPlan(NamedTuple):
     """One candidate layout: P data-parallel groups × W latent shards, with a ZeRO stage."""
 
@@ -148,6 +191,7 @@ class LayoutPlan(NamedTuple):
     temporaries: int
     comm: CommVolume
     flops_per_worker: float
+    save: SavePlan
     fits: bool
 
     @property
@@ -176,6 +220,7 @@ class Plan(NamedTuple):
     n_gpus: int
     gpu_memory_gb: float
     usable_bytes: int
+    part_size: int
     flops: StepFlops
     layouts: tuple[LayoutPlan, ...]
     skipped: tuple[str, ...]  # layouts that do not divide F or the batch, with the reason
@@ -242,6 +287,7 @@ def worker_plan(
     zero_stage: int,
     zero_bucket_elements: int,
     usable_bytes: int,
+    part_size: int = storage.PART_SIZE,
 ) -> LayoutPlan:
     """Memory, communication and FLOPs of one worker of a layout whose shards divide F and B."""
     P, W = data_parallel, latent_shards
@@ -285,6 +331,7 @@ def worker_plan(
         temporaries=temporaries,
         comm=comm,
         flops_per_worker=step_flops(d, n_latents, k, aux_k, batch_size).total / (P * W),
+        save=save_plan(d, n_latents, a, W, part_size),
         fits=False,
     )
     return layout._replace(fits=layout.peak <= usable_bytes)
@@ -303,6 +350,7 @@ def plan(
     aux_k: int | None = None,
     usable_fraction: float = 0.9,
     zero_bucket_elements: int = DEEPSPEED_BUCKET_ELEMENTS,
+    part_size: int | None = None,
 ) -> Plan:
     """Every layout P × W = n_gpus (and ZeRO stage), its memory per worker and cost, and the choice.
 
@@ -310,7 +358,8 @@ def plan(
     GPU in GiB, of which `usable_fraction` is planned for. `zero_stage` None tries 0, 1 and 2
     (stages 1 and 2 only with data parallelism and no latent shards, as the trainer runs DeepSpeed);
     `aux_k` None is the TopK SAE's default
-    (d // 2 dead latents, `TopKConfig.aux_k_latents`), 0 plans without the AuxK loss.
+    (d // 2 dead latents, `TopKConfig.aux_k_latents`), 0 plans without the AuxK loss. `part_size`
+    None is the S3 part size the save would use (`storage.part_size()`).
     """
     for name, value in (("d", d), ("n_latents", n_latents), ("k", k), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
@@ -331,6 +380,7 @@ def plan(
         raise ValueError(f"usable_fraction={usable_fraction} must be in (0, 1]")
     dtype, a = dtype_bytes(dtype)
     usable_bytes = int(usable_fraction * gpu_memory_gb * GiB)
+    part_size = storage.part_size() if part_size is None else part_size
 
     layouts, skipped = [], []
     for W in (w for w in range(1, n_gpus + 1) if n_gpus % w == 0):
@@ -349,7 +399,18 @@ def plan(
                 continue  # nothing to partition over, or latent shards (DDP then)
             layouts.append(
                 worker_plan(
-                    d, n_latents, k, aux_k, batch_size, a, P, W, stage, zero_bucket_elements, usable_bytes
+                    d,
+                    n_latents,
+                    k,
+                    aux_k,
+                    batch_size,
+                    a,
+                    P,
+                    W,
+                    stage,
+                    zero_bucket_elements,
+                    usable_bytes,
+                    part_size,
                 )
             )
     fitting = [layout for layout in layouts if layout.fits]
@@ -364,6 +425,7 @@ def plan(
         n_gpus=n_gpus,
         gpu_memory_gb=gpu_memory_gb,
         usable_bytes=usable_bytes,
+        part_size=part_size,
         flops=step_flops(d, n_latents, k, aux_k, batch_size),
         layouts=tuple(layouts),
         skipped=tuple(skipped),
@@ -457,5 +519,30 @@ def format_plan(p: Plan) -> str:
         f"  activations (GiB): {acts}",
         f"  comm per step: candidates {_si(c.comm.candidates, 'B')}, reconstruction"
         f" {_si(c.comm.reconstruction, 'B')}, gradients {_si(c.comm.gradients, 'B')}",
+        *format_save(c.save),
     ]
     return "\n".join(lines)
+
+
+def format_save(save: SavePlan) -> list[str]:
+    """The save's lines of `format_plan`: what each rank writes, in how many parts, with what memory."""
+    part = f"{save.part_size / 2**20:g} MiB"
+    form = f"{save.files} shard files, an index" if save.files > 1 else "1 file"
+    writers = "each rank of the first latent group" if save.files > 1 else "rank 0"
+    lines = [
+        f"  save: {save.objects} objects ({form} and config.json); {writers} writes"
+        f" {_gib(save.bytes_per_rank)} GiB in {save.parts_per_file} part(s) of {part}, adding"
+        f" {_gib(save.extra_memory)} GiB of host memory"
+    ]
+    if save.single_put_too_large:
+        lines.append(
+            f"  the whole SAE is {_gib(save.whole_bytes)} GiB: one file in one PUT would exceed S3's"
+            " 5 GiB limit; files larger than one part are uploaded in parts"
+        )
+    if save.parts_per_file > storage.MAX_PARTS:
+        least = math.ceil(save.bytes_per_rank / storage.MAX_PARTS / 2**20)
+        lines.append(
+            f"  a file needs {save.parts_per_file} parts, over S3's {storage.MAX_PARTS}: set"
+            f" {storage.PART_SIZE_ENV} to at least {least} MiB ({least * 2**20} bytes)"
+        )
+    return lines

@@ -8,8 +8,9 @@ data part reads its batches from the shard store through a Ray Data dataset of i
 (`ActivationStream`: seeded, so a resumed run sees exactly the batches it had left). Every
 `checkpoint_every` steps all ranks write a checkpoint beside the output (`checkpoint`; under
 ZeRO each rank its own optimiser partition); a restarted worker (Ray Train's FailureConfig) or a
-resubmitted job resumes from the latest one. Rank 0 logs progress, reports metrics to Ray Train
-and saves the trained SAE, gathered from its shards, to the output.
+resubmitted job resumes from the latest one. Rank 0 logs progress and reports metrics to Ray Train;
+the trained SAE is saved to the output by rank 0, or, latent-sharded, by each rank of the first
+latent group as one file per shard (`LatentShardedSAE.save`).
 """
 
 from __future__ import annotations
@@ -176,10 +177,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if events:
         events.sync()
     for (output, trainer), run_metrics in zip(runs, metrics, strict=True):
-        sae = trainer.sae
-        full = sae.full_sae() if layout.latent_shards > 1 else sae
+        if layout.data_index == 0:  # rank 0; latent-sharded, each rank of the first group its shard
+            trainer.sae.save(output)
         if rank == 0:
-            full.save(output)
             write_run_info(output, "train", config, **run_metrics)
 
 
