@@ -226,10 +226,10 @@ def test_latent_sharding_that_cannot_split_the_sae_is_refused_before_launch(
         run_train(config.model_copy(update={"sae": parse_config(sae)}))
 
 
-def wait_for(uri: str, finished) -> None:
-    """Until the object at `uri` exists (or the run is over, or 4 minutes have passed)."""
+def wait_for(ready, finished) -> None:
+    """Until `ready()` (or the run is over, or 4 minutes have passed)."""
     deadline = time.monotonic() + 240
-    while not storage.exists(uri) and not finished() and time.monotonic() < deadline:
+    while not ready() and not finished() and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -265,7 +265,8 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     checkpoints = storage.join(zero.output, "checkpoints")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         run = pool.submit(run_train, zero)
-        wait_for(storage.join(checkpoints, "latest.json"), run.done)
+        # the first checkpoint is committed and rank 0's event log copied (right after the commit)
+        wait_for(lambda: storage.list_prefix(storage.join(zero.output, "tensorboard")), run.done)
         kill_a_worker(ray_cluster)
         assert not run.done()
         assert run.result(timeout=300).steps == total
@@ -317,7 +318,7 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
         stderr=subprocess.DEVNULL,
     )
     latest = storage.join(config.output, "checkpoints", "latest.json")
-    wait_for(latest, lambda: job.poll() is not None)
+    wait_for(lambda: storage.exists(latest), lambda: job.poll() is not None)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and its Ray Train run, midway
     job.wait()
     killed_at = json.loads(storage.read_text(latest))["step"]
