@@ -284,7 +284,7 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     assert events.Scalars("fvu")[0].step > 12
     # Each rank's trainer.pt holds its half of the fp32 master weights; together they are the SAE's.
     info = json.loads(storage.read_text(storage.join(checkpoints, "latest.json")))
-    assert info["zero_stage"] == 2
+    assert info["run"]["training.zero_stage"] == 2
     folder = storage.join(checkpoints, f"step-{info['step']:09d}")
     weights = safetensors.torch.load(storage.read_bytes(storage.join(folder, "rank-0000.safetensors")))
     halves = [

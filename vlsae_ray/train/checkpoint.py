@@ -132,7 +132,8 @@ def save(
         buffer = io.BytesIO()
         torch.save(trainer.state_dict(), buffer)
         storage.write_bytes(storage.join(folder, f"rank-{rank:04d}.trainer.pt"), buffer.getvalue())
-    kept = [*[s for s in (latest(output) or {}).get("kept", []) if s != step], step][-keep:]
+    earlier = (latest(output) or {}).get("kept", [])
+    kept = [*[s for s in earlier if s != step], step][-keep:]
     _barrier()  # every rank's files of every SAE are written: commit
     if rank == 0:
         record = {
@@ -144,17 +145,10 @@ def save(
         }
         storage.write_text(storage.join(output, "checkpoints", LATEST), json.dumps(record))
     _barrier()
-    # This rank's files of every step the record does not keep, left over from earlier saves or
-    # from a run killed before its commit.
-    for sae_output, _ in runs:
-        for uri in storage.list_prefix(storage.join(sae_output, "checkpoints")):
-            folder, name = uri.rsplit("/", 2)[-2:]
-            if (
-                folder.startswith("step-")
-                and int(folder[5:]) not in kept
-                and name.startswith(f"rank-{rank:04d}.")
-            ):
-                storage.delete(uri)
+    for old_step in set(earlier) - set(kept):
+        for sae_output, _ in runs:
+            for suffix in ("safetensors", "trainer.pt"):
+                storage.delete(storage.join(_folder(sae_output, old_step), f"rank-{rank:04d}.{suffix}"))
 
 
 def restore(output: str, runs: list[tuple[str, SAETrainer]], fields: dict) -> StreamPosition:
