@@ -2,7 +2,8 @@
 
 argv: world rank latent_shards init_file out_dir spec_json. Trains this rank's part of the layout
 (a latent shard, DDP over data-parallel groups, or DeepSpeed ZeRO with spec["zero_stage"]) on its
-part of each global batch and saves its metrics, the gathered final SAE and its encodings.
+part of each global batch, as the Ray Train loop builds it (the bare SAE without latent shards),
+and saves its metrics, the gathered final SAE and its encodings.
 """
 
 import json
@@ -26,27 +27,31 @@ layout = ParallelLayout.create(latent_shards)
 x = torch.load(f"{out_dir}/x.pt")
 torch.manual_seed(0)
 full = build_sae(spec["sae"])
-model = full if zero_stage is not None else LatentShardedSAE.shard_of(full, layout)
+model = full if latent_shards == 1 else LatentShardedSAE.shard_of(full, layout)
 wrapped = model
 if layout.data_parallel > 1 and zero_stage is None:
     wrapped = DistributedDataParallel(model, process_group=layout.data_group)
 trainer = SAETrainer(
-    wrapped, total_steps=spec["steps"], lr=spec["lr"], sample=x[:256], dead_tokens_threshold=spec["dead"],
-    layout=layout, zero_stage=zero_stage,
+    wrapped,
+    total_steps=spec["steps"],
+    lr=spec["lr"],
+    sample=x[:256],
+    dead_tokens_threshold=spec["dead"],
+    layout=layout,
+    zero_stage=zero_stage,
 )
 part = spec["batch"] // layout.data_parallel
 losses = []
 for step in range(spec["steps"]):
     start = step * spec["batch"] + layout.data_index * part
     losses.append(trainer.step(x[start : start + part]))
-if zero_stage is None:
+if latent_shards > 1:
     full = model.full_sae()
 model.eval()
 with torch.no_grad():
     z_local = model(x[:128])[1]
 z = layout.gather_shards(z_local).permute(1, 0, 2).reshape(128, -1)
-if layout.shard_index == 0:
-    torch.save({"metrics": losses, "state": full.state_dict(), "z": z}, f"{out_dir}/rank{rank}.pt")
+torch.save({"metrics": losses, "state": full.state_dict(), "z": z}, f"{out_dir}/rank{rank}.pt")
 dist.destroy_process_group()
 # Now and then (4 of 65 ZeRO-2 runs here) a C++ thread of DeepSpeed's or torch's CPU runtime aborts
 # the interpreter's teardown ("terminate called without an active exception"), after all of the

@@ -1,9 +1,12 @@
-"""Training on Ray Train: latent-sharded workers match one process, and a killed job resumes exactly."""
+"""Training on Ray Train: latent-sharded workers match one process, a killed job or sweep resumes
+exactly, and user mistakes (latent shards that cannot split the SAE, a resume of another run) are
+refused before any worker starts."""
 
 import concurrent.futures
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,14 +19,14 @@ import yaml
 from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vlsae_ray import storage
+from vlsae_ray import cli, storage
 from vlsae_ray.activations import store
-from vlsae_ray.activations.reader import ActivationStream
+from vlsae_ray.activations.reader import ActivationStream, StreamPosition
 from vlsae_ray.config import TrainConfig
-from vlsae_ray.sae import SparseAutoencoder, build_sae
+from vlsae_ray.sae import SparseAutoencoder, build_sae, parse_config
 from vlsae_ray.train import SAETrainer, checkpoint
 from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
-from vlsae_ray.train.ray_train import INIT_SAMPLES, _init_sample, run_train
+from vlsae_ray.train.ray_train import INIT_SAMPLES, TrainSummary, _init_sample, run_train
 
 pytestmark = pytest.mark.slow
 D, SHARDS, SHARD_ROWS = 16, 8, 128
@@ -57,11 +60,77 @@ def assert_same_sae(a: SparseAutoencoder, b: SparseAutoencoder):
         torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
 
-def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
+# Run in a subprocess as a job's driver: the first time a Ray worker writes a file whose URI holds
+# argv[2], it is killed (SIGKILL), by a wrapper around `storage.write_bytes` that a worker setup
+# hook installs in every Ray worker process; argv[3] is created as it dies, so it dies once.
+KILL_ONCE = """
+import os, signal, sys
+import ray
+from vlsae_ray.config import TrainConfig
+from vlsae_ray.train.ray_train import run_train
+
+config_json, target, marker = sys.argv[1:4]
+
+
+def kill_once_at_target():
+    from vlsae_ray import storage
+
+    write_bytes = storage.write_bytes
+
+    def write_or_die(uri, data):
+        if target in uri:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        write_bytes(uri, data)
+
+    storage.write_bytes = write_or_die
+
+
+forwarded = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+env_vars = {key: os.environ[key] for key in forwarded if key in os.environ}
+ray.init(runtime_env={"worker_process_setup_hook": kill_once_at_target, "env_vars": env_vars})
+print(run_train(TrainConfig.model_validate_json(config_json)).model_dump_json())
+"""
+
+
+def test_sweep_killed_between_its_saes_checkpoints_resumes_to_one_process_per_sae(
+    ray_cluster, s3_root, tmp_path
+):
+    """A latent-sharded sweep, one worker killed between the two SAEs' files of a checkpoint.
+
+    The first SAE's files of step 16 are written, the second's are not: the restarted workers
+    resume both from the job's last commit (step 8) and end with the weights of one process per SAE.
+    """
+    import ray
+
     root = activations(storage.join(s3_root, "acts"))  # read from and written to the S3 server
-    config = train_config(root, storage.join(s3_root, "sae"), num_workers=2, latent_shards=2)
+    options = {"num_workers": 2, "latent_shards": 2, "checkpoint_every": 8, "max_failures": 1}
+    config = train_config(root, storage.join(s3_root, "sae"), **options)
     config = config.model_copy(update={"sweep": [{}, {"architecture": "batchtopk", "k": 8}]})
-    summary = run_train(config)
+    script, marker = tmp_path / "kill_once.py", tmp_path / "killed"
+    script.write_text(KILL_ONCE)
+    job = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            config.model_dump_json(),
+            "/sweep-01/checkpoints/step-000000016/",
+            str(marker),
+        ],
+        env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert marker.exists()  # a worker was killed there
+    summary = TrainSummary.model_validate_json(
+        [line for line in job.stdout.splitlines() if line.startswith('{"output"')][-1]
+    )
 
     stream = ActivationStream(root, batch_size=64, seed=config.training.seed, window_shards=4)
     epochs = range(config.training.epochs)
@@ -73,12 +142,15 @@ def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
         full.load_state_dict(
             {
                 name: torch.cat([shard.local.state_dict()[name] for shard in shards])
-                if name in ("W_enc_fd", "b_enc_f", "W_dec_fd") else tensor
+                if name in ("W_enc_fd", "b_enc_f", "W_dec_fd")
+                else tensor
                 for name, tensor in full.state_dict().items()
             }
         )
         trainer = SAETrainer(
-            full, total_steps=sum(stream.steps_in_epoch(e) for e in epochs), lr=1e-3,
+            full,
+            total_steps=sum(stream.steps_in_epoch(e) for e in epochs),
+            lr=1e-3,
             sample=_init_sample(root, INIT_SAMPLES, seed),
         )
         metrics = [trainer.step(x) for e in epochs for x in stream.epoch(e)]
@@ -88,12 +160,76 @@ def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
         saved = build_sae(sae_config)  # as `save` writes it: the input scale folded into the biases
         saved.load_state_dict(full.folded_state_dict())
         assert_same_sae(saved, SparseAutoencoder.load(output))
+        # only the steps the job's record keeps are left, of every rank
+        steps = {uri.rsplit("/", 2)[-2] for uri in storage.list_prefix(storage.join(output, "checkpoints"))}
+        assert steps == {"step-000000024", "step-000000032"}
+    assert checkpoint.latest(config.output)["kept"] == [24, 32]
 
 
-def wait_for(uri: str, finished) -> None:
-    """Until the object at `uri` exists (or the run is over, or 4 minutes have passed)."""
+def launch_refused(*args, **kwargs):
+    raise AssertionError("a Ray Train run was launched")
+
+
+def test_resume_of_another_run_is_refused_before_launch(tmp_path, monkeypatch, capsys):
+    """Ray Train's launcher is replaced by one that fails the test: refusals come before it."""
+    import ray.train.torch
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", launch_refused)
+    root = activations(str(tmp_path / "acts"))
+    config = train_config(root, str(tmp_path / "sae"), num_workers=1)
+    manifest = store.read_manifest(root)
+    trainer = SAETrainer(build_sae(config.sae), total_steps=4)
+    trainer.step(store.read_shard(root, manifest.shards[0])[0][:64].float())
+    fields = checkpoint.run_fields(config, manifest)
+    checkpoint.save(config.output, [(config.output, trainer)], StreamPosition(0, 1), fields, keep=2)
+    # what moves neither the data nor the schedule may change
+    free = {"checkpoint_every": 5, "keep_checkpoints": 3, "max_failures": 2, "read_tasks": 1}
+    same_run = train_config(root, config.output, num_workers=1, **free)
+    assert checkpoint.check_resume(config.output, checkpoint.run_fields(same_run, manifest))["step"] == 1
+
+    changed = train_config(root, config.output, num_workers=1, batch_size=32, seed=1)
+    changed = changed.model_copy(update={"sae": changed.sae.model_copy(update={"k": 8})})
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    assert cli.main(["train", "-c", str(config_file)]) == 2
+    error = capsys.readouterr().err
+    for change in ("training.batch_size was 64, now 32", "training.seed was 0, now 1", "sae.k was 4, now 8"):
+        assert change in error
+    assert "Set these back to resume it, or train into a new output" in error
+    assert len(error.strip().splitlines()) == 1  # one message, no traceback
+
+
+@pytest.mark.parametrize(
+    ("sae", "message"),
+    [
+        (
+            {"architecture": "relu", "d_in": D, "n_latents": 256},
+            "latent sharding supports topk, batchtopk, not 'relu'",
+        ),
+        (
+            {"architecture": "topk", "d_in": D, "n_latents": 255, "k": 4},
+            "n_latents=255 must split into latent_shards=2",
+        ),
+        ({"architecture": "topk", "d_in": D, "n_latents": 6, "k": 4}, "equal shards of at least k=4 latents"),
+    ],
+)
+def test_latent_sharding_that_cannot_split_the_sae_is_refused_before_launch(
+    tmp_path, monkeypatch, sae, message
+):
+    import ray.train.torch
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", launch_refused)
+    config = train_config(
+        activations(str(tmp_path / "acts")), str(tmp_path / "sae"), num_workers=2, latent_shards=2
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_train(config.model_copy(update={"sae": parse_config(sae)}))
+
+
+def wait_for(ready, finished) -> None:
+    """Until `ready()` (or the run is over, or 4 minutes have passed)."""
     deadline = time.monotonic() + 240
-    while not storage.exists(uri) and not finished() and time.monotonic() < deadline:
+    while not ready() and not finished() and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -129,7 +265,8 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     checkpoints = storage.join(zero.output, "checkpoints")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         run = pool.submit(run_train, zero)
-        wait_for(storage.join(checkpoints, "latest.json"), run.done)
+        # the first checkpoint is committed and rank 0's event log copied (right after the commit)
+        wait_for(lambda: storage.list_prefix(storage.join(zero.output, "tensorboard")), run.done)
         kill_a_worker(ray_cluster)
         assert not run.done()
         assert run.result(timeout=300).steps == total
@@ -147,7 +284,7 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     assert events.Scalars("fvu")[0].step > 12
     # Each rank's trainer.pt holds its half of the fp32 master weights; together they are the SAE's.
     info = json.loads(storage.read_text(storage.join(checkpoints, "latest.json")))
-    assert info["zero_stage"] == 2
+    assert info["run"]["training.zero_stage"] == 2
     folder = storage.join(checkpoints, f"step-{info['step']:09d}")
     weights = safetensors.torch.load(storage.read_bytes(storage.join(folder, "rank-0000.safetensors")))
     halves = [
@@ -161,9 +298,12 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     assert halves[0].numel() == halves[1].numel() == flat.numel() // 2
     torch.testing.assert_close(torch.cat(halves), flat, rtol=0, atol=0)
     # its optimiser state is ZeRO-2 partitions: a run without ZeRO refuses it
+    ddp = train_config(root, zero.output, **{**zero_options, "zero_stage": None})
     ddp_trainer = SAETrainer(build_sae(zero.sae), total_steps=total)
-    with pytest.raises(ValueError, match="written with zero_stage 2, but this run has None"):
-        checkpoint.restore(zero.output, ddp_trainer, ParallelLayout(2, 1, 0, 0))
+    with pytest.raises(ValueError, match="training.zero_stage was 2, now null"):
+        checkpoint.restore(
+            zero.output, [(zero.output, ddp_trainer)], checkpoint.run_fields(ddp, store.read_manifest(root))
+        )
 
     # A DDP job killed midway and submitted again.
     config = train_config(root, str(tmp_path / "killed"), **options)
@@ -172,10 +312,13 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     job = subprocess.Popen(
         [sys.executable, "-m", "vlsae_ray.cli", "train", "-c", str(config_file)],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     latest = storage.join(config.output, "checkpoints", "latest.json")
-    wait_for(latest, lambda: job.poll() is not None)
+    wait_for(lambda: storage.exists(latest), lambda: job.poll() is not None)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and its Ray Train run, midway
     job.wait()
     killed_at = json.loads(storage.read_text(latest))["step"]

@@ -10,18 +10,26 @@ The running average forgets its start: early batches' cutoffs are larger than th
 So the momentum at update t is min(threshold_momentum, t / (t + 10)): θ averages about the last
 tenth of the updates seen so far (t = 0 sets θ to the first cutoff), and long runs reach the
 configured momentum after 10 / (1 - m) updates (1000 for m = 0.99).
+
+Under data parallelism the batch is the global batch, the data-parallel ranks' batches together
+(`global_batch_topk`): every rank keeps its entries of the global top k·B and updates θ with the
+global cutoff, so selection and θ are one process's on every rank.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from vlsae_ray.sae.base import register
 from vlsae_ray.sae.kernels import SparseLatents
 from vlsae_ray.sae.topk import TopKConfig, TopKSAE
+
+if TYPE_CHECKING:
+    from vlsae_ray.train.parallel import ParallelLayout
 
 # Per-sample candidates for the batch-wide top k·B; a denser sample adds its entries above the cutoff.
 CANDIDATE_FACTOR = 4
@@ -79,6 +87,33 @@ def batch_topk(pre_bf: torch.Tensor, k: int) -> SparseLatents:
     return SparseLatents(indices_p[kept], values_p[kept], offsets_b1, n_latents)
 
 
+def global_batch_topk(
+    pre_bf: torch.Tensor, k: int, layout: ParallelLayout | None
+) -> tuple[SparseLatents, torch.Tensor | None]:
+    """This rank's entries of the global batch's top k·B·P, and the smallest kept value (None: none).
+
+    The global batch is the `layout.data_parallel` (P) ranks' batches of B rows each, whose latents
+    may be split over `layout.latent_shards` ranks; `layout` None is one process. The global top
+    k·B·P holds at most k·B·P entries of one rank's block, all among that rank's own top k·B·P
+    (`batch_topk`), so one all-gather of those candidates' values and one top-k over them select
+    exactly what one process selects from the whole batch. Ties at the cutoff go to the lowest
+    slot (rank, then candidate), so every rank agrees on the selection and the smallest value.
+    """
+    if layout is None or layout.data_parallel * layout.latent_shards == 1:
+        pre = batch_topk(pre_bf, k)
+        return pre, (pre.values_n.min() if pre.values_n.numel() else None)
+    n = k * pre_bf.shape[0] * layout.data_parallel
+    local = batch_topk(pre_bf, min(k * layout.data_parallel, pre_bf.shape[1]))
+    values_c = F.pad(local.values_n, (0, n - local.values_n.numel()), value=-torch.inf)
+    values_r = layout.gather_data(layout.gather_shards(values_c)).flatten()  # rank-major: [ranks * n]
+    cutoff = values_r.topk(n, sorted=False).values.min()
+    above_r, at_r = values_r > cutoff, values_r == cutoff
+    kept_r = (above_r | (at_r & (at_r.cumsum(0) <= n - above_r.sum()))) & (values_r > 0)
+    rank = layout.data_index * layout.latent_shards + layout.shard_index
+    mine_c = kept_r.view(-1, n)[rank, : local.values_n.numel()]
+    return local.select(mine_c), (values_r[kept_r].min() if bool(kept_r.any()) else None)
+
+
 @register(BatchTopKConfig)
 class BatchTopKSAE(TopKSAE):
     """Training: z = ReLU(BatchTopK_{k·B}(pre)); inference: z = pre · 1[pre > θ]; loss = MSE + AuxK."""
@@ -92,11 +127,15 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold_updates", torch.tensor(0))
 
     def select(self, pre_bf: torch.Tensor) -> SparseLatents:
+        return self.select_over(pre_bf, self.global_batch)
+
+    def select_over(self, pre_bf: torch.Tensor, layout: ParallelLayout | None) -> SparseLatents:
+        """`select` of this rank's part of a global batch laid out by `layout` (None: the whole batch)."""
         if not self.training:
             return SparseLatents.from_mask(pre_bf, pre_bf > self.threshold)
-        pre = batch_topk(pre_bf, self.config.k)
-        if torch.is_grad_enabled() and pre.values_n.numel():
-            self.update_threshold_(pre.values_n.min())
+        pre, smallest_kept = global_batch_topk(pre_bf, self.config.k, layout)
+        if torch.is_grad_enabled() and smallest_kept is not None:
+            self.update_threshold_(smallest_kept)
         return pre
 
     @torch.no_grad()

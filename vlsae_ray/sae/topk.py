@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -11,6 +11,9 @@ from vlsae_ray.sae import kernels
 from vlsae_ray.sae.base import Forward, SparseAutoencoder, register
 from vlsae_ray.sae.config import BaseSAEConfig
 from vlsae_ray.sae.kernels import SparseLatents
+
+if TYPE_CHECKING:
+    from vlsae_ray.train.parallel import ParallelLayout
 
 
 class TopKConfig(BaseSAEConfig):
@@ -50,10 +53,27 @@ def topk_relu(pre_bf: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre_bf).scatter(-1, indices_bk, values_bk.relu())
 
 
-def normalized_mse(target_bd: torch.Tensor, prediction_bd: torch.Tensor) -> torch.Tensor:
-    """sum ||target - prediction||^2 / sum ||target - mean(target)||^2 over the batch."""
-    variance = (target_bd - target_bd.mean(0)).pow(2).sum()
-    return (target_bd - prediction_bd).pow(2).sum() / variance.clamp_min(1e-12)
+def normalized_mse(
+    target_bd: torch.Tensor, prediction_bd: torch.Tensor, global_batch: ParallelLayout | None = None
+) -> torch.Tensor:
+    """sum ||target - prediction||^2 / sum ||target - mean(target)||^2 over the batch.
+
+    With a data-parallel `global_batch`, this batch is one of its `data_parallel` equal parts: the
+    denominator is the global batch's variance and the numerator is scaled by the number of parts,
+    so the parts' mean (what averaging their gradients takes) is the global batch's normalised MSE.
+    The target carries no gradient (it is the detached AuxK residual).
+    """
+    error = (target_bd - prediction_bd).pow(2).sum()
+    if global_batch is None or global_batch.data_parallel == 1:
+        return error / (target_bd - target_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
+    # [sum of the rows, sum of their squared norms] over the global batch, in float64 as the
+    # variance is a difference: sum ||t||^2 - ||sum t||^2 / n
+    target_bd = target_bd.double()
+    moments = torch.cat([target_bd.sum(0), target_bd.pow(2).sum().view(1)])
+    global_batch.reduce_over_data_(moments)
+    rows = target_bd.shape[0] * global_batch.data_parallel
+    variance = moments[-1] - moments[:-1].pow(2).sum() / rows
+    return global_batch.data_parallel * error / variance.clamp_min(1e-12).to(error.dtype)
 
 
 @register(TopKConfig)
@@ -62,6 +82,9 @@ class TopKSAE(SparseAutoencoder):
 
     config: TopKConfig
     dictionary_from_data = True
+    # Under data parallelism the trainer's layout: the AuxK loss (and BatchTopK's selection) then
+    # span the global batch, so the ranks' averaged gradients are one process's.
+    global_batch: ParallelLayout | None = None
 
     def select(self, pre_bf: torch.Tensor) -> SparseLatents:
         values_bk, indices_bk = pre_bf.topk(self.config.k, dim=-1, sorted=False)
@@ -112,4 +135,5 @@ class TopKSAE(SparseAutoencoder):
             pre = pre.with_values(self.exact_pre_acts(fwd, pre))
         z_aux = pre.with_values(self.gathered_pre_acts(fwd, pre).relu())
         residual_bd = (x_bd - x_hat_bd).detach()
-        return normalized_mse(residual_bd, kernels.decode(z_aux, self.W_dec_fd, fwd.sparse))
+        recon_bd = kernels.decode(z_aux, self.W_dec_fd, fwd.sparse)
+        return normalized_mse(residual_bd, recon_bd, self.global_batch)

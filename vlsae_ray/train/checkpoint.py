@@ -1,17 +1,28 @@
-"""Training checkpoints in the object store, beside the SAE they train, so any run can resume.
+"""Training checkpoints in the object store, beside the SAEs they train, so any run can resume.
 
-Layout under the run's output URI:
+Layout, SAE being each SAE's folder (the job's OUTPUT, or OUTPUT/sweep-NN for a sweep):
 
-    checkpoints/step-000000120/rank-0003.safetensors   that rank's SAE parameters and buffers
-    checkpoints/step-000000120/rank-0003.trainer.pt    its optimiser, schedule and dead-latent state
-    checkpoints/latest.json                           {"step", "epoch", "step_in_epoch", layout, zero_stage}
+    SAE/checkpoints/step-000000120/rank-0003.safetensors   that rank's SAE parameters and buffers
+    SAE/checkpoints/step-000000120/rank-0003.trainer.pt    its optimiser, schedule and dead-latent state
+    OUTPUT/checkpoints/latest.json                        the job's commit record
 
-Every rank writes its own files (a latent shard holds a different part of the SAE; data-parallel
-ranks hold the same one, and each writes it so restoring needs no communication). Under DeepSpeed
-ZeRO the optimiser state in `trainer.pt` is the rank's partition of Adam's moments and fp32
-master weights, so each rank restores exactly the part it steps. After a barrier, rank 0 replaces
-`latest.json`: that write commits the checkpoint, so a run killed while writing resumes from the
-previous one. Restoring needs the same world size, latent shards and ZeRO stage.
+Every rank writes its own files of every SAE of the job (a latent shard holds a different part
+of an SAE; data-parallel ranks hold the same one, and each writes it so restoring needs no
+communication). Under DeepSpeed ZeRO the optimiser state in `trainer.pt` is the rank's partition
+of Adam's moments and fp32 master weights, so each rank restores exactly the part it steps.
+
+After a barrier, rank 0 replaces `latest.json`, {"step", "epoch", "step_in_epoch", "kept", "run"}:
+that one write commits the checkpoint of every SAE of the job, so a job killed at any point
+(even between two SAEs' files) resumes with all of them from the last record, and files of a
+step no record names are never read. After a second barrier each rank deletes its files of the
+steps the record does not keep (`kept`, the newest `keep_checkpoints`), so the files a record
+names go only once a newer record has replaced it.
+
+`run` holds what fixes the data position, the schedule and the saved state's form
+(`run_fields`): the dataset's identity, batch size, seed, shuffle window, epochs, learning rate,
+layout, ZeRO stage and every SAE's config. A resume that changes any of them is refused before
+any worker starts (`check_resume`), naming each change. checkpoint_every, keep_checkpoints,
+max_failures, read_tasks, cpus_per_worker, use_gpu and the dataset's URI may change.
 """
 
 from __future__ import annotations
@@ -25,10 +36,69 @@ import torch.distributed as dist
 
 from vlsae_ray import storage
 from vlsae_ray.activations.reader import StreamPosition
-from vlsae_ray.train.parallel import ParallelLayout
+from vlsae_ray.activations.store import Manifest
+from vlsae_ray.config import TrainConfig
 from vlsae_ray.train.step import SAETrainer
 
 LATEST = "latest.json"
+# The training options a resume must keep; the others (checkpointing, failures, resources) may change.
+RESUME_OPTIONS = (
+    "batch_size",
+    "epochs",
+    "seed",
+    "lr",
+    "window_shards",
+    "num_workers",
+    "latent_shards",
+    "zero_stage",
+)
+# What identifies the dataset (not its URI, so a moved copy resumes)
+DATASET_IDENTITY = ("listing", "items", "rows", "d", "model", "hook_point")
+
+
+def run_fields(config: TrainConfig, manifest: Manifest) -> dict:
+    """{"training.batch_size": 1024, "sae.k": 32, "activations.listing": ..., ...}: what a resume must keep.
+
+    A sweep's SAEs are named by their folders (`sweep-01.k`).
+    """
+    fields = {f"training.{name}": getattr(config.training, name) for name in RESUME_OPTIONS}
+    fields.update({f"activations.{name}": getattr(manifest, name) for name in DATASET_IDENTITY})
+    fields["activations.shards"] = len(manifest.shards)
+    for output, sae in config.sae_runs():
+        name = output.rstrip("/").rsplit("/", 1)[-1] if config.sweep else "sae"
+        fields.update({f"{name}.{key}": value for key, value in sae.model_dump(mode="json").items()})
+    return json.loads(json.dumps(fields))  # as the record holds them (tuples become lists)
+
+
+def latest(output: str) -> dict | None:
+    """The job's commit record under `output`, or None."""
+    try:
+        return json.loads(storage.read_text(storage.join(output, "checkpoints", LATEST)))
+    except FileNotFoundError:
+        return None
+
+
+def check_resume(output: str, fields: dict) -> dict | None:
+    """The commit record to resume from (None: a fresh start); a ValueError naming each changed field."""
+    record = latest(output)
+    if record is None:
+        return None
+    recorded = record.get("run", {})
+    changed = [
+        f"{name} was {_shown(recorded, name)}, now {_shown(fields, name)}"
+        for name in sorted(recorded.keys() | fields.keys())
+        if name not in recorded or name not in fields or recorded[name] != fields[name]
+    ]
+    if changed:
+        raise ValueError(
+            f"{output!r} holds a checkpoint at step {record['step']} of another run: {'; '.join(changed)}. "
+            "Set these back to resume it, or train into a new output"
+        )
+    return record
+
+
+def _shown(fields: dict, name: str) -> str:
+    return json.dumps(fields[name]) if name in fields else "unset"
 
 
 def _folder(output: str, step: int) -> str:
@@ -40,75 +110,68 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(
-    output: str, trainer: SAETrainer, position: StreamPosition, layout: ParallelLayout, keep: int
-) -> None:
-    """Write this rank's part of the checkpoint at `trainer.steps` (collective: every rank calls it)."""
-    rank = _rank()
-    folder = _folder(output, trainer.steps)
-    state = {name: t.detach().cpu().contiguous() for name, t in trainer.sae.state_dict().items()}
-    storage.write_bytes(storage.join(folder, f"rank-{rank:04d}.safetensors"), safetensors.torch.save(state))
-    buffer = io.BytesIO()
-    torch.save(trainer.state_dict(), buffer)
-    storage.write_bytes(storage.join(folder, f"rank-{rank:04d}.trainer.pt"), buffer.getvalue())
-    earlier = (latest(output) or {}).get("kept", [])
-    kept = [*[step for step in earlier if step != trainer.steps], trainer.steps][-keep:]
-    _barrier()  # every rank's files are written: commit
-    if rank == 0:
-        info = {
-            "step": trainer.steps,
-            "epoch": position.epoch,
-            "step_in_epoch": position.step,
-            "data_parallel": layout.data_parallel,
-            "latent_shards": layout.latent_shards,
-            "zero_stage": trainer.zero_stage,
-            "kept": kept,
-        }
-        storage.write_text(storage.join(output, "checkpoints", LATEST), json.dumps(info))
-    _barrier()
-    for step in set(earlier) - set(kept):
-        for suffix in ("safetensors", "trainer.pt"):
-            storage.delete(storage.join(_folder(output, step), f"rank-{rank:04d}.{suffix}"))
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def latest(output: str) -> dict | None:
-    try:
-        return json.loads(storage.read_text(storage.join(output, "checkpoints", LATEST)))
-    except FileNotFoundError:
-        return None
+def save(
+    output: str, runs: list[tuple[str, SAETrainer]], position: StreamPosition, fields: dict, keep: int
+) -> None:
+    """Write and commit this rank's part of the job's checkpoint (collective: every rank calls it).
+
+    `runs` are (SAE folder, trainer) of every SAE of the job, all at the same step; `fields` are the
+    job's `run_fields`.
+    """
+    rank, step = _rank(), runs[0][1].steps
+    for sae_output, trainer in runs:
+        folder = _folder(sae_output, step)
+        state = {name: t.detach().cpu().contiguous() for name, t in trainer.sae.state_dict().items()}
+        storage.write_bytes(
+            storage.join(folder, f"rank-{rank:04d}.safetensors"), safetensors.torch.save(state)
+        )
+        buffer = io.BytesIO()
+        torch.save(trainer.state_dict(), buffer)
+        storage.write_bytes(storage.join(folder, f"rank-{rank:04d}.trainer.pt"), buffer.getvalue())
+    earlier = (latest(output) or {}).get("kept", [])
+    kept = [*[s for s in earlier if s != step], step][-keep:]
+    _barrier()  # every rank's files of every SAE are written: commit
+    if rank == 0:
+        record = {
+            "step": step,
+            "epoch": position.epoch,
+            "step_in_epoch": position.step,
+            "kept": kept,
+            "run": fields,
+        }
+        storage.write_text(storage.join(output, "checkpoints", LATEST), json.dumps(record))
+    _barrier()
+    for old_step in set(earlier) - set(kept):
+        for sae_output, _ in runs:
+            for suffix in ("safetensors", "trainer.pt"):
+                storage.delete(storage.join(_folder(sae_output, old_step), f"rank-{rank:04d}.{suffix}"))
 
 
-def restore(output: str, trainer: SAETrainer, layout: ParallelLayout) -> StreamPosition:
-    """Load the latest committed checkpoint into `trainer` and its SAE; return where the stream goes on."""
-    info = latest(output)
-    if info is None:
+def restore(output: str, runs: list[tuple[str, SAETrainer]], fields: dict) -> StreamPosition:
+    """Load the job's last committed checkpoint into every trainer and its SAE; where the stream goes on.
+
+    Refuses (`check_resume`) a checkpoint whose `run_fields` differ from `fields`.
+    """
+    record = check_resume(output, fields)
+    if record is None:
         return StreamPosition()
-    if (info["data_parallel"], info["latent_shards"]) != (layout.data_parallel, layout.latent_shards):
-        raise ValueError(
-            f"the checkpoint at {output!r} step {info['step']} was written by {info['data_parallel']} "
-            f"data-parallel x {info['latent_shards']} latent-shard workers, but this run has "
-            f"{layout.data_parallel} x {layout.latent_shards}; resume with that layout or use a new output"
-        )
-    if info.get("zero_stage") != trainer.zero_stage:  # its optimiser state has another form
-        raise ValueError(
-            f"the checkpoint at {output!r} step {info['step']} was written with zero_stage "
-            f"{info.get('zero_stage')}, but this run has {trainer.zero_stage}; resume with that stage or use "
-            "a new output"
-        )
     rank = _rank()
-    folder = _folder(output, info["step"])
-    device = trainer.sae.b_dec_d.device
-    weights = safetensors.torch.load(storage.read_bytes(storage.join(folder, f"rank-{rank:04d}.safetensors")))
-    trainer.sae.load_state_dict({name: t.to(device) for name, t in weights.items()})
-    with torch.serialization.safe_globals(trainer.state_globals()):
-        state = torch.load(
-            io.BytesIO(storage.read_bytes(storage.join(folder, f"rank-{rank:04d}.trainer.pt"))),
-            map_location=device,
-            weights_only=True,
+    for sae_output, trainer in runs:
+        folder = _folder(sae_output, record["step"])
+        device = trainer.sae.b_dec_d.device
+        weights = safetensors.torch.load(
+            storage.read_bytes(storage.join(folder, f"rank-{rank:04d}.safetensors"))
         )
-    trainer.load_state_dict(state)
-    return StreamPosition(info["epoch"], info["step_in_epoch"])
+        trainer.sae.load_state_dict({name: t.to(device) for name, t in weights.items()})
+        with torch.serialization.safe_globals(trainer.state_globals()):
+            state = torch.load(
+                io.BytesIO(storage.read_bytes(storage.join(folder, f"rank-{rank:04d}.trainer.pt"))),
+                map_location=device,
+                weights_only=True,
+            )
+        trainer.load_state_dict(state)
+    return StreamPosition(record["epoch"], record["step_in_epoch"])

@@ -10,11 +10,13 @@ input scale are replicated. On a batch x, shard s computes its pre-activations
 
     pre_s = W_enc_s (x - s·b_dec) + s·b_enc_s                          [B, F/L], no communication
 
-and picks candidates: TopK, each sample's top k of pre_s; BatchTopK, the top k·B of pre_s over
-the batch. The global selection (each sample's top k, or the batch's top k·B) lies within the
-union of the shards' candidates, so an all-gather of B·k (value, index) pairs per shard and one
-more top-k give exactly the selection a single process makes over all F latents. Each shard
-decodes its selected latents and the partial reconstructions are summed by an all-reduce:
+and picks candidates: TopK, each sample's top k of pre_s, and an all-gather of those B·k (value,
+index) pairs per shard and one more top-k give exactly the selection a single process makes over
+all F latents. BatchTopK selects over the global batch, every data group's batch:
+`batchtopk.global_batch_topk` gathers each rank's top k·B·data_parallel candidate values over
+the world (data x latent) and each rank keeps its own entries of their top k·B·data_parallel, so
+the selection and the threshold are one process's. Each shard decodes its selected latents and
+the partial reconstructions are summed by an all-reduce:
 
     x_hat = sum_s W_dec_s^T z_s + s·b_dec.
 
@@ -23,7 +25,9 @@ on every rank of a latent group, so the all-reduce of the partial decodes passes
 through unchanged, and the centred input, used by every shard's encoder, all-reduces its
 gradient (the b_dec gradient is the sum of the shards' encoder parts plus the replicated
 decoder part). The AuxK loss (Gao et al. 2024, sec. A.2) selects among dead latents the same
-way; dead-latent statistics stay with the shard that owns the latents.
+way, normalised by the global batch's residual variance (`topk.normalized_mse`) so that the data
+groups' averaged gradients are one process's; dead-latent statistics stay with the shard that
+owns the latents.
 
 Saving (`LatentShardedSAE.save`): each shard writes its own rows as one file of a sharded
 checkpoint (`vlsae_ray.sae.checkpoint`), so no rank ever holds the whole SAE.
@@ -39,10 +43,24 @@ from torch import nn
 
 from vlsae_ray.sae import SparseAutoencoder, SparseLatents, build_sae, checkpoint, kernels
 from vlsae_ray.sae.base import Forward
-from vlsae_ray.sae.batchtopk import batch_topk
 from vlsae_ray.sae.topk import TopKConfig, normalized_mse
 
 SHARDABLE = ("topk", "batchtopk")
+
+
+def check_shardable(config, latent_shards: int) -> None:
+    """Raise a ValueError naming the fix unless `config`'s SAE splits into `latent_shards` latent shards."""
+    if config.architecture not in SHARDABLE:
+        raise ValueError(
+            f"latent sharding supports {', '.join(SHARDABLE)}, not {config.architecture!r}; "
+            "set training.latent_shards: 1"
+        )
+    if config.n_latents % latent_shards or config.n_latents // latent_shards < config.k:
+        raise ValueError(
+            f"n_latents={config.n_latents} must split into latent_shards={latent_shards} equal shards of at "
+            f"least k={config.k} latents: make n_latents a multiple of {latent_shards} of at least "
+            f"{latent_shards * config.k}, or use fewer latent_shards"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,8 +110,14 @@ class ParallelLayout:
                 latent_group = group
         if data_parallel == 1:
             data_group = None
-        return cls(data_parallel, latent_shards, rank // latent_shards, rank % latent_shards, data_group,
-                   latent_group)
+        return cls(
+            data_parallel,
+            latent_shards,
+            rank // latent_shards,
+            rank % latent_shards,
+            data_group,
+            latent_group,
+        )
 
     def sum_over_shards_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.latent_shards > 1:
@@ -106,6 +130,14 @@ class ParallelLayout:
             return tensor.unsqueeze(0)
         parts = [torch.empty_like(tensor) for _ in range(self.latent_shards)]
         dist.all_gather(parts, tensor.contiguous(), group=self.latent_group)
+        return torch.stack(parts)
+
+    def gather_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[P, *shape]: every data group member's `tensor`, in data order."""
+        if self.data_parallel == 1:
+            return tensor.unsqueeze(0)
+        parts = [torch.empty_like(tensor) for _ in range(self.data_parallel)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.data_group)
         return torch.stack(parts)
 
     def reduce_over_data_(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -150,17 +182,8 @@ class LatentShardedSAE(nn.Module):
 
     def __init__(self, config: TopKConfig, layout: ParallelLayout, seed: int = 0):
         super().__init__()
-        if config.architecture not in SHARDABLE:
-            raise ValueError(
-                f"latent sharding supports {', '.join(SHARDABLE)}, not {config.architecture!r}; "
-                "set training.latent_shards: 1"
-            )
+        check_shardable(config, layout.latent_shards)
         shards = layout.latent_shards
-        if config.n_latents % shards or config.n_latents // shards < config.k:
-            raise ValueError(
-                f"n_latents={config.n_latents} must split into latent_shards={shards} equal shards of at "
-                f"least k={config.k} latents"
-            )
         self.config, self.layout = config, layout
         self.n_local = config.n_latents // shards
         self.offset = layout.shard_index * self.n_local
@@ -247,24 +270,10 @@ class LatentShardedSAE(nn.Module):
         return x_hat_bd, (z if sparse_latents else z.to_dense()), aux
 
     def _select(self, pre_bf: torch.Tensor) -> SparseLatents:
-        sae, k, batch = self.local, self.config.k, pre_bf.shape[0]
-        if self.config.architecture == "batchtopk":
-            if not sae.training:  # inference: one global threshold, no communication
-                return SparseLatents.from_mask(pre_bf, pre_bf > sae.threshold)
-            local = batch_topk(pre_bf, k)
-            pad = k * batch - local.indices_n.numel()
-            values_c = torch.cat([local.values_n, local.values_n.new_full((pad,), -torch.inf)])
-            rows_c = torch.cat([local.rows_n, local.rows_n.new_zeros(pad)])
-            latents_c = torch.cat([local.indices_n + self.offset, local.indices_n.new_zeros(pad)])
-            values_n, slots_n = self.layout.gather_shards(values_c).flatten().topk(k * batch, sorted=False)
-            kept_n = values_n > 0
-            rows_n = self.layout.gather_shards(rows_c).flatten()[slots_n][kept_n]
-            latents_n = self.layout.gather_shards(latents_c).flatten()[slots_n][kept_n]
-            if torch.is_grad_enabled() and bool(kept_n.any()):
-                sae.update_threshold_(values_n[kept_n].min())
-            return self._own_entries(rows_n, latents_n, values_n[kept_n], batch)
-        values_bk, indices_bk = pre_bf.topk(k, dim=-1, sorted=False)
-        return self._global_topk(values_bk, indices_bk, k)
+        if self.config.architecture == "batchtopk":  # training: the global batch's top k·B; else θ
+            return self.local.select_over(pre_bf, self.layout)
+        values_bk, indices_bk = pre_bf.topk(self.config.k, dim=-1, sorted=False)
+        return self._global_topk(values_bk, indices_bk, self.config.k)
 
     def _global_topk(self, values_bk: torch.Tensor, indices_bk: torch.Tensor, k: int) -> SparseLatents:
         """Each sample's top k over all shards' candidates [B, k] (local indices), as this shard's entries."""
@@ -302,4 +311,4 @@ class LatentShardedSAE(nn.Module):
         z_aux = pre.with_values(sae.gathered_pre_acts(fwd, pre).relu())
         recon_bd = _SumOverShards.apply(kernels.decode(z_aux, sae.W_dec_fd, fwd.sparse), self.layout)
         residual_bd = (x_bd - x_hat_bd).detach()
-        return {"auxk": self.config.auxk_coef * normalized_mse(residual_bd, recon_bd)}
+        return {"auxk": self.config.auxk_coef * normalized_mse(residual_bd, recon_bd, self.layout)}

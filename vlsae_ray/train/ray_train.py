@@ -6,9 +6,12 @@ parts of each global batch and average gradients with DistributedDataParallel (g
 NCCL on GPU), or with DeepSpeed ZeRO 1/2 (`training.zero_stage`, without latent shards). Each
 data part reads its batches from the shard store through a Ray Data dataset of its own
 (`ActivationStream`: seeded, so a resumed run sees exactly the batches it had left). Every
-`checkpoint_every` steps all ranks write a checkpoint beside the output (`checkpoint`; under
-ZeRO each rank its own optimiser partition); a restarted worker (Ray Train's FailureConfig) or a
-resubmitted job resumes from the latest one. Rank 0 logs progress and reports metrics to Ray Train;
+`checkpoint_every` steps all ranks write a checkpoint of every SAE of the job beside the output,
+committed for the whole job by one record (`checkpoint`; under ZeRO each rank its own optimiser
+partition); a restarted worker (Ray Train's FailureConfig) or a resubmitted job resumes from the
+latest one. `run_train` checks the config on the driver before any worker starts: latent
+sharding that cannot split the SAE, and a resume of a checkpoint written by another run, fail
+there with one message. Rank 0 logs progress and reports metrics to Ray Train;
 the trained SAE is saved to the output by rank 0, or, latent-sharded, by each rank of the first
 latent group as one file per shard (`LatentShardedSAE.save`).
 """
@@ -31,7 +34,7 @@ from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import read_run_info, write_run_info
 from vlsae_ray.sae import build_sae
 from vlsae_ray.train import checkpoint
-from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
+from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout, check_shardable
 from vlsae_ray.train.step import SAETrainer
 
 INIT_SAMPLES = 8192
@@ -139,10 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         (output, _build(sae_config, layout, training, device, loop_config["init_sample"], total_steps))
         for output, sae_config in config.sae_runs()
     ]
-    positions = {checkpoint.restore(output, trainer, layout) for output, trainer in runs}
-    if len(positions) > 1:
-        raise RuntimeError(f"the sweep's checkpoints under {config.output!r} are at different steps")
-    position = positions.pop()
+    position = checkpoint.restore(config.output, runs, loop_config["run_fields"])
     steps = runs[0][1].steps
     if position != StreamPosition() and rank == 0:
         log.warning("resuming from the checkpoint at step %d (epoch %d)", steps, position.epoch)
@@ -155,8 +155,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             steps, step_in_epoch = steps + 1, step_in_epoch + 1
             if training.checkpoint_every and steps % training.checkpoint_every == 0:
                 reached = StreamPosition(epoch, step_in_epoch)
-                for output, trainer in runs:
-                    checkpoint.save(output, trainer, reached, layout, training.keep_checkpoints)
+                checkpoint.save(
+                    config.output, runs, reached, loop_config["run_fields"], training.keep_checkpoints
+                )
                 if events:
                     events.sync()
             if steps % REPORT_EVERY == 0 or steps == total_steps:
@@ -199,12 +200,16 @@ def run_train(config: TrainConfig) -> TrainSummary:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # The user's mistakes fail here, once, before any worker starts (not as retried worker failures).
     manifest = store.read_manifest(config.activations)
     if manifest.d != config.sae.d_in:
         raise ValueError(
             f"sae.d_in is {config.sae.d_in} but the activations at {config.activations!r} have "
             f"d={manifest.d}; set sae.d_in: {manifest.d}"
         )
+    if config.training.latent_shards > 1:
+        for _, sae_config in config.sae_runs():
+            check_shardable(sae_config, config.training.latent_shards)
     workers = config.training.num_workers
     ActivationStream(  # fails now if the dataset cannot fill one batch per data-parallel part
         config.activations,
@@ -214,12 +219,15 @@ def run_train(config: TrainConfig) -> TrainSummary:
         parts=workers // config.training.latent_shards,
     )
     storage.check_writable(config.output)
+    run_fields = checkpoint.run_fields(config, manifest)
+    checkpoint.check_resume(config.output, run_fields)  # a resume of another run would go on wrongly
     connect_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "init_sample": _init_sample(config.activations, INIT_SAMPLES, config.training.seed),
+            "run_fields": run_fields,
         },
         scaling_config=ScalingConfig(
             num_workers=workers,

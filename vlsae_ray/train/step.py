@@ -4,9 +4,10 @@ No Ray here: the Ray Train loop wraps the SAE (or its latent shard, `parallel.La
 in DistributedDataParallel over the data-parallel group and calls `SAETrainer.step` on each
 worker's batch. The forward goes through `model(x)` so DDP averages gradients; SAE-specific
 methods go through `model.module`. With a `ParallelLayout`, the data-dependent init is broadcast
-within each data group, dead-latent statistics count firings over the data group, and the
-gradient norm (for clipping), L0 and the dead fraction add up the shards, so every rank keeps the
-weights and statistics a single process would.
+within each data group, dead-latent statistics count firings over the data group, BatchTopK
+selects over the global batch and the AuxK loss is normalised by it (`TopKSAE.global_batch`), and
+the gradient norm (for clipping), L0 and the dead fraction add up the shards, so every rank keeps
+the weights and statistics a single process would.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from vlsae_ray.sae import SparseAutoencoder, SparseLatents
 from vlsae_ray.sae.init import init_dictionary_from_data
+from vlsae_ray.sae.topk import TopKSAE
 from vlsae_ray.train.parallel import ParallelLayout
 
 # Gao et al. 2024 (sec. A.2): a latent is dead once it has not fired for 10M tokens.
@@ -75,6 +77,8 @@ class SAETrainer:
         self.sae: SparseAutoencoder = getattr(model, "module", model)
         # Without a layout: plain data parallelism over the world when torch.distributed is up.
         self.layout = layout or ParallelLayout.create(latent_shards=1)
+        if isinstance(self.sae, TopKSAE):  # its selection and AuxK loss span the data-parallel ranks
+            self.sae.global_batch = self.layout
         if sample is not None:
             init_args = (sample,) if sample_modality is None else (sample, sample_modality)
             self.sae.init_from_data(*init_args)
