@@ -23,7 +23,7 @@ from vlsae_ray.config import TrainConfig
 from vlsae_ray.sae import SparseAutoencoder, build_sae
 from vlsae_ray.train import SAETrainer, checkpoint
 from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
-from vlsae_ray.train.ray_train import INIT_SAMPLES, _init_sample, run_train
+from vlsae_ray.train.ray_train import INIT_SAMPLES, run_train
 
 pytestmark = pytest.mark.slow
 D, SHARDS, SHARD_ROWS = 16, 8, 128
@@ -79,7 +79,7 @@ def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
         )
         trainer = SAETrainer(
             full, total_steps=sum(stream.steps_in_epoch(e) for e in epochs), lr=1e-3,
-            sample=_init_sample(root, INIT_SAMPLES, seed),
+            sample=stream.init_sample(INIT_SAMPLES)[0],
         )
         metrics = [trainer.step(x) for e in epochs for x in stream.epoch(e)]
         assert summary.steps == trainer.steps == 2 * (SHARDS * SHARD_ROWS // 64)
