@@ -7,13 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import safetensors.torch
 import torch
 import yaml
-from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlsae_ray import storage
@@ -52,12 +50,7 @@ def train_config(root, output, **training):
     )
 
 
-def assert_same_sae(a: SparseAutoencoder, b: SparseAutoencoder):
-    for name, tensor in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
-
-
-def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
+def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root, assert_same_sae):
     root = activations(storage.join(s3_root, "acts"))  # read from and written to the S3 server
     config = train_config(root, storage.join(s3_root, "sae"), num_workers=2, latent_shards=2)
     config = config.model_copy(update={"sweep": [{}, {"architecture": "batchtopk", "k": 8}]})
@@ -90,20 +83,9 @@ def test_latent_sharded_sweep_equals_one_process_per_sae(ray_cluster, s3_root):
         assert_same_sae(saved, SparseAutoencoder.load(output))
 
 
-def wait_for(uri: str, finished) -> None:
-    """Until the object at `uri` exists (or the run is over, or 4 minutes have passed)."""
-    deadline = time.monotonic() + 240
-    while not storage.exists(uri) and not finished() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def kill_a_worker(ray_cluster: str) -> None:
-    alive_workers = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    workers = list_actors(address=ray_cluster, filters=alive_workers)
-    os.kill(workers[-1].pid, signal.SIGKILL)
-
-
-def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, s3_root, tmp_path):
+def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
+    ray_cluster, s3_root, tmp_path, assert_same_sae, wait_for, kill_a_worker
+):
     """DeepSpeed ZeRO-2 and DDP runs resume to the weights of an uninterrupted ZeRO-2 run.
 
     ZeRO and DDP give the same weights (test_parallel.py), so one reference serves both.
