@@ -75,13 +75,12 @@ def test_vl_stream_keeps_pairs_and_resumes_and_unpaired_sides_stream_alone(tmp_p
     stream = ActivationStream(images, text_dataset=texts, **options)
     alone = ActivationStream(images, **options)  # the image side on its own
     assert torch.equal(stream.modality_b, torch.arange(32) >= 16)
-    for epoch in range(2):
-        batches = list(stream.epoch(epoch))
-        assert len(batches) == stream.steps_in_epoch(epoch) == alone.steps_in_epoch(epoch) > 0
-        assert rows_of(b[:16] for b in batches) == rows_of(alone.epoch(epoch))
-        assert all(torch.equal(b[16:], -b[:16]) for b in batches)  # text row i pairs with image row i
-        resumed = list(stream.epoch(epoch, start_step=2))
-        assert all(torch.equal(a, b) for a, b in zip(resumed, batches[2:], strict=True))
+    batches = list(stream.epoch(1))
+    assert len(batches) == stream.steps_in_epoch(1) == alone.steps_in_epoch(1) > 0
+    assert rows_of(b[:16] for b in batches) == rows_of(alone.epoch(1))
+    assert all(torch.equal(b[16:], -b[:16]) for b in batches)  # text row i pairs with image row i
+    resumed = list(stream.epoch(1, start_step=2))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, batches[2:], strict=True))
     sample_nd, modality_n = stream.init_sample(100)
     assert sample_nd.shape == (200, 4) and torch.equal(modality_n, torch.arange(200) >= 100)
     assert torch.equal(sample_nd[100:], -sample_nd[:100])  # the same items on both sides

@@ -69,10 +69,8 @@ def check_training_data(
     same items in the same shards with one row per item on each side, so that row r of one is
     row r of the other: checked on the manifests (item listing, committed shards, row counts).
     """
-    sides = {"activations": activations} | (
-        {"text_activations": text_activations} if text_activations else {}
-    )
-    manifests = {key: store.read_manifest(uri) for key, uri in sides.items()}
+    sides = {"activations": activations, "text_activations": text_activations}
+    manifests = {key: store.read_manifest(uri) for key, uri in sides.items() if uri}
     for key, manifest in manifests.items():
         if manifest.d != d_in:
             fix = (
