@@ -1,6 +1,6 @@
 """VL-SAEs through `vlsae train`: on the world CLIP's paired image and caption datasets (extracted
-to the S3 server) a sweep learns both sides on Ray Train, equal to `fit_local` on the same batches,
-and resumes from a killed worker; bad datasets are refused before launch."""
+to the S3 server) a sweep learns both sides on Ray Train and, through a killed worker, ends equal
+to `fit_local` on the same batches; bad datasets are refused before launch."""
 
 import concurrent.futures
 import logging
@@ -65,17 +65,20 @@ def text_fvu(sae: SparseAutoencoder, texts: str) -> float:
         return fvu(x_nd, sae(x_nd, modality_b=torch.ones(len(x_nd), dtype=torch.bool))[0])
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_vl(world_pair, tmp_path_factory):
-    config = vl_config(*world_pair, str(tmp_path_factory.mktemp("vl") / "sae"))
-    return config, run_train(config)
-
-
-def test_vl_sae_sweep_learns_both_sides_and_equals_fit_local(
-    world_pair, uninterrupted_vl, tmp_path, assert_same_sae
+def test_vl_sae_sweep_learns_both_sides_survives_a_killed_worker_and_equals_fit_local(
+    world_pair, ray_cluster, tmp_path, assert_same_sae, wait_for, kill_a_worker
 ):
+    """A worker killed after a checkpoint; the run resumes to the weights of the uninterrupted run
+    that `fit_local` makes in one process from the same batches."""
     images, texts = world_pair
-    config, summary = uninterrupted_vl
+    config = vl_config(images, texts, str(tmp_path / "sae"), checkpoint_every=4, max_failures=1)
+    latest = storage.join(config.sae_runs()[0][0], "checkpoints", "latest.json")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run = pool.submit(run_train, config)
+        wait_for(latest, run.done)
+        kill_a_worker(ray_cluster)
+        assert not run.done()
+        summary = run.result(timeout=300)
     assert summary.steps == VL_TRAINING["epochs"] * ITEMS // VL_TRAINING["batch_size"]
     for i, (output, sae_config) in enumerate(config.sae_runs()):
         # each side's FVU (on rank 0's last batch) is reported beside the FVU of both
@@ -89,30 +92,14 @@ def test_vl_sae_sweep_learns_both_sides_and_equals_fit_local(
         reference = build_sae(sae_config)
         metrics = fit_local(reference, images, text_activations=texts, parts=2, seed=0, **VL_TRAINING)
         assert metrics["steps"] == summary.steps and metrics["samples"] == summary.samples
-        reference.save(str(tmp_path / f"sweep-{i}"))
-        assert_same_sae(SparseAutoencoder.load(str(tmp_path / f"sweep-{i}")), trained)
+        reference.save(str(tmp_path / f"reference-{i}"))
+        assert_same_sae(SparseAutoencoder.load(str(tmp_path / f"reference-{i}")), trained)
 
     # The same VL-SAE trained on the image side alone leaves its text decoder untrained.
     torch.manual_seed(config.training.seed)
     vision_only = build_sae(VL_SAE)
     fit_local(vision_only, images, parts=2, seed=0, **VL_TRAINING)
     assert text_fvu(vision_only, texts) > TEXT_FVU
-
-
-def test_killed_vl_worker_resumes_to_the_weights_of_an_uninterrupted_run(
-    world_pair, uninterrupted_vl, ray_cluster, tmp_path, assert_same_sae, wait_for, kill_a_worker
-):
-    uninterrupted, summary = uninterrupted_vl
-    config = vl_config(*world_pair, str(tmp_path / "killed"), checkpoint_every=4, max_failures=1)
-    latest = storage.join(config.sae_runs()[0][0], "checkpoints", "latest.json")
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run = pool.submit(run_train, config)
-        wait_for(latest, run.done)
-        kill_a_worker(ray_cluster)
-        assert not run.done()
-        assert run.result(timeout=300).steps == summary.steps
-    for (output, _), (expected, _) in zip(config.sae_runs(), uninterrupted.sae_runs(), strict=True):
-        assert_same_sae(SparseAutoencoder.load(expected), SparseAutoencoder.load(output))
 
 
 def write_dataset(uri: str, rows: list[int], items: int, d: int = D, listing: str = "") -> str:
