@@ -236,7 +236,21 @@ class TrainingConfig(Strict):
 
 
 class TrainConfig(Strict):
-    activations: str = Field(description="URI of an activation dataset (a folder with manifest.json)")
+    activations: str = Field(
+        description="URI of an activation dataset (a folder with manifest.json); for a VL-SAE the image side"
+    )
+    text_activations: str | None = Field(
+        None,
+        description="VL-SAE only: URI of the text-side dataset (caption rows, e.g. hook point `text`); "
+        "each step then trains on batch_size image rows and batch_size text rows. None: a vl_sae "
+        "learns the image side only",
+    )
+    paired: bool = Field(
+        True,
+        description="text_activations holds the same items as activations, one row per item in the same "
+        "shards (one extraction job with both hook points; checked before launch), so each batch holds "
+        "image-caption pairs; false: two independent datasets",
+    )
     sae: SAEConfig
     sweep: list[dict[str, Any]] = Field(
         [],
@@ -248,7 +262,15 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check_sweep(self) -> TrainConfig:
-        self.sae_runs()  # every entry of the sweep is a valid SAE config
+        runs = self.sae_runs()  # every entry of the sweep is a valid SAE config
+        if self.text_activations is not None:
+            for i, (_, sae) in enumerate(runs):
+                if sae.architecture != "vl_sae":
+                    where = f"sweep[{i}]" if self.sweep else "sae"
+                    raise ValueError(
+                        f"text_activations is for a VL-SAE, but {where} has architecture "
+                        f"{sae.architecture!r}: remove text_activations or set architecture: vl_sae"
+                    )
         return self
 
     def sae_runs(self) -> list[tuple[str, BaseSAEConfig]]:

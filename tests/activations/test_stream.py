@@ -62,3 +62,33 @@ def test_resumed_stream_continues_with_the_same_batches(tmp_path, ray_cluster):
     assert len(full) == stream.steps_in_epoch(1) * 24 == 303 // 24 * 24
     for start in (0, 1, 5, stream.steps_in_epoch(1) - 1):
         assert rows_of(stream.epoch(1, start_step=start)) == full[start * 24 :]
+
+
+def test_vl_stream_keeps_pairs_and_resumes_and_unpaired_sides_stream_alone(tmp_path, ray_cluster):
+    """A VL-SAE's batch is a part's image rows, then the same items' text rows."""
+    n = numbered_dataset(str(tmp_path / "images"))
+    x = torch.zeros(n, 4)
+    x[:, 0] = -torch.arange(n)  # text row r of the pair = -(image row r)
+    store.write_dataset(str(tmp_path / "texts"), list(x.split(SHARD_ROWS)), dtype="float32")
+    images, texts = str(tmp_path / "images"), str(tmp_path / "texts")
+    options = {"batch_size": 32, "seed": 3, "window_shards": 2, "parts": 2, "part": 1}
+    stream = ActivationStream(images, text_dataset=texts, **options)
+    alone = ActivationStream(images, **options)  # the image side on its own
+    assert torch.equal(stream.modality_b, torch.arange(32) >= 16)
+    batches = list(stream.epoch(1))
+    assert len(batches) == stream.steps_in_epoch(1) == alone.steps_in_epoch(1) > 0
+    assert rows_of(b[:16] for b in batches) == rows_of(alone.epoch(1))
+    assert all(torch.equal(b[16:], -b[:16]) for b in batches)  # text row i pairs with image row i
+    resumed = list(stream.epoch(1, start_step=2))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, batches[2:], strict=True))
+    sample_nd, modality_n = stream.init_sample(100)
+    assert sample_nd.shape == (200, 4) and torch.equal(modality_n, torch.arange(200) >= 100)
+    assert torch.equal(sample_nd[100:], -sample_nd[:100])  # the same items on both sides
+
+    # Unpaired: a shorter text side is a stream of its own, and an epoch is the shorter side's.
+    short = str(tmp_path / "short")
+    store.write_dataset(short, [torch.randn(40, 4), torch.randn(40, 4)], dtype="float32")
+    stream = ActivationStream(images, text_dataset=short, batch_size=32, seed=3)
+    text_alone = ActivationStream(short, batch_size=32, seed=3)
+    assert stream.steps_in_epoch(0) == text_alone.steps_in_epoch(0) == 80 // 32
+    assert all(torch.equal(b[32:], t) for b, t in zip(stream.epoch(0), text_alone.epoch(0), strict=True))

@@ -10,13 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import safetensors.torch
 import torch
 import yaml
-from ray.util.state import list_actors
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlsae_ray import cli, storage
@@ -26,7 +24,7 @@ from vlsae_ray.config import TrainConfig
 from vlsae_ray.sae import SparseAutoencoder, build_sae, parse_config
 from vlsae_ray.train import SAETrainer, checkpoint
 from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
-from vlsae_ray.train.ray_train import INIT_SAMPLES, TrainSummary, _init_sample, run_train
+from vlsae_ray.train.ray_train import INIT_SAMPLES, TrainSummary, run_train
 
 pytestmark = pytest.mark.slow
 D, SHARDS, SHARD_ROWS = 16, 8, 128
@@ -53,11 +51,6 @@ def train_config(root, output, **training):
             "output": output,
         }
     )
-
-
-def assert_same_sae(a: SparseAutoencoder, b: SparseAutoencoder):
-    for name, tensor in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 # Run in a subprocess as a job's driver: the first time a Ray worker writes a file whose URI holds
@@ -98,7 +91,7 @@ print(run_train(TrainConfig.model_validate_json(config_json)).model_dump_json())
 
 
 def test_sweep_killed_between_its_saes_checkpoints_resumes_to_one_process_per_sae(
-    ray_cluster, s3_root, tmp_path
+    ray_cluster, s3_root, tmp_path, assert_same_sae
 ):
     """A latent-sharded sweep, one worker killed between the two SAEs' files of a checkpoint.
 
@@ -151,7 +144,7 @@ def test_sweep_killed_between_its_saes_checkpoints_resumes_to_one_process_per_sa
             full,
             total_steps=sum(stream.steps_in_epoch(e) for e in epochs),
             lr=1e-3,
-            sample=_init_sample(root, INIT_SAMPLES, seed),
+            sample=stream.init_sample(INIT_SAMPLES)[0],
         )
         metrics = [trainer.step(x) for e in epochs for x in stream.epoch(e)]
         assert summary.steps == trainer.steps == 2 * (SHARDS * SHARD_ROWS // 64)
@@ -180,12 +173,12 @@ def test_resume_of_another_run_is_refused_before_launch(tmp_path, monkeypatch, c
     manifest = store.read_manifest(root)
     trainer = SAETrainer(build_sae(config.sae), total_steps=4)
     trainer.step(store.read_shard(root, manifest.shards[0])[0][:64].float())
-    fields = checkpoint.run_fields(config, manifest)
+    fields = checkpoint.run_fields(config)
     checkpoint.save(config.output, [(config.output, trainer)], StreamPosition(0, 1), fields, keep=2)
     # what moves neither the data nor the schedule may change
     free = {"checkpoint_every": 5, "keep_checkpoints": 3, "max_failures": 2, "read_tasks": 1}
     same_run = train_config(root, config.output, num_workers=1, **free)
-    assert checkpoint.check_resume(config.output, checkpoint.run_fields(same_run, manifest))["step"] == 1
+    assert checkpoint.check_resume(config.output, checkpoint.run_fields(same_run))["step"] == 1
 
     changed = train_config(root, config.output, num_workers=1, batch_size=32, seed=1)
     changed = changed.model_copy(update={"sae": changed.sae.model_copy(update={"k": 8})})
@@ -226,20 +219,9 @@ def test_latent_sharding_that_cannot_split_the_sae_is_refused_before_launch(
         run_train(config.model_copy(update={"sae": parse_config(sae)}))
 
 
-def wait_for(ready, finished) -> None:
-    """Until `ready()` (or the run is over, or 4 minutes have passed)."""
-    deadline = time.monotonic() + 240
-    while not ready() and not finished() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def kill_a_worker(ray_cluster: str) -> None:
-    alive_workers = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    workers = list_actors(address=ray_cluster, filters=alive_workers)
-    os.kill(workers[-1].pid, signal.SIGKILL)
-
-
-def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray_cluster, s3_root, tmp_path):
+def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
+    ray_cluster, s3_root, tmp_path, assert_same_sae, wait_for, kill_a_worker
+):
     """DeepSpeed ZeRO-2 and DDP runs resume to the weights of an uninterrupted ZeRO-2 run.
 
     ZeRO and DDP give the same weights (test_parallel.py), so one reference serves both.
@@ -302,7 +284,7 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(ray
     ddp_trainer = SAETrainer(build_sae(zero.sae), total_steps=total)
     with pytest.raises(ValueError, match="training.zero_stage was 2, now null"):
         checkpoint.restore(
-            zero.output, [(zero.output, ddp_trainer)], checkpoint.run_fields(ddp, store.read_manifest(root))
+            zero.output, [(zero.output, ddp_trainer)], checkpoint.run_fields(ddp)
         )
 
     # A DDP job killed midway and submitted again.

@@ -19,8 +19,8 @@ steps the record does not keep (`kept`, the newest `keep_checkpoints`), so the f
 names go only once a newer record has replaced it.
 
 `run` holds what fixes the data position, the schedule and the saved state's form
-(`run_fields`): the dataset's identity, batch size, seed, shuffle window, epochs, learning rate,
-layout, ZeRO stage and every SAE's config. A resume that changes any of them is refused before
+(`run_fields`): the datasets' identity (and a VL-SAE's pairing), batch size, seed, shuffle
+window, epochs, learning rate, layout, ZeRO stage and every SAE's config. A resume that changes any of them is refused before
 any worker starts (`check_resume`), naming each change. checkpoint_every, keep_checkpoints,
 max_failures, read_tasks, cpus_per_worker, use_gpu and the dataset's URI may change.
 """
@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from vlsae_ray import storage
+from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import StreamPosition
-from vlsae_ray.activations.store import Manifest
 from vlsae_ray.config import TrainConfig
 from vlsae_ray.train.step import SAETrainer
 
@@ -56,14 +56,21 @@ RESUME_OPTIONS = (
 DATASET_IDENTITY = ("listing", "items", "rows", "d", "model", "hook_point")
 
 
-def run_fields(config: TrainConfig, manifest: Manifest) -> dict:
+def run_fields(config: TrainConfig) -> dict:
     """{"training.batch_size": 1024, "sae.k": 32, "activations.listing": ..., ...}: what a resume must keep.
 
-    A sweep's SAEs are named by their folders (`sweep-01.k`).
+    A sweep's SAEs are named by their folders (`sweep-01.k`); a VL-SAE's text-side dataset and
+    pairing are kept as well.
     """
     fields = {f"training.{name}": getattr(config.training, name) for name in RESUME_OPTIONS}
-    fields.update({f"activations.{name}": getattr(manifest, name) for name in DATASET_IDENTITY})
-    fields["activations.shards"] = len(manifest.shards)
+    datasets = {"activations": config.activations, "text_activations": config.text_activations}
+    for side, uri in datasets.items():
+        if uri is not None:
+            manifest = store.read_manifest(uri)
+            fields.update({f"{side}.{name}": getattr(manifest, name) for name in DATASET_IDENTITY})
+            fields[f"{side}.shards"] = len(manifest.shards)
+    if config.text_activations is not None:
+        fields["paired"] = config.paired
     for output, sae in config.sae_runs():
         name = output.rstrip("/").rsplit("/", 1)[-1] if config.sweep else "sae"
         fields.update({f"{name}.{key}": value for key, value in sae.model_dump(mode="json").items()})

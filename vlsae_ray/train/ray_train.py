@@ -5,13 +5,14 @@ group split one SAE's latents (`parallel.LatentShardedSAE`); data groups train o
 parts of each global batch and average gradients with DistributedDataParallel (gloo on CPU,
 NCCL on GPU), or with DeepSpeed ZeRO 1/2 (`training.zero_stage`, without latent shards). Each
 data part reads its batches from the shard store through a Ray Data dataset of its own
-(`ActivationStream`: seeded, so a resumed run sees exactly the batches it had left). Every
+(`ActivationStream`: seeded, so a resumed run sees exactly the batches it had left; a VL-SAE's
+batches hold image rows and text rows, and every step passes their modality). Every
 `checkpoint_every` steps all ranks write a checkpoint of every SAE of the job beside the output,
 committed for the whole job by one record (`checkpoint`; under ZeRO each rank its own optimiser
 partition); a restarted worker (Ray Train's FailureConfig) or a resubmitted job resumes from the
-latest one. `run_train` checks the config on the driver before any worker starts: latent
-sharding that cannot split the SAE, and a resume of a checkpoint written by another run, fail
-there with one message. Rank 0 logs progress and reports metrics to Ray Train;
+latest one. `run_train` checks the config on the driver before any worker starts: datasets that
+do not fit the SAE, latent sharding that cannot split it, and a resume of a checkpoint written by
+another run, fail there with one message. Rank 0 logs progress and reports metrics to Ray Train;
 the trained SAE is saved to the output by rank 0, or, latent-sharded, by each rank of the first
 latent group as one file per shard (`LatentShardedSAE.save`).
 """
@@ -27,8 +28,7 @@ import torch
 from pydantic import BaseModel
 
 from vlsae_ray import storage
-from vlsae_ray.activations import store
-from vlsae_ray.activations.reader import ActivationStream, StreamPosition
+from vlsae_ray.activations.reader import ActivationStream, StreamPosition, check_training_data
 from vlsae_ray.config import TrainConfig
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import read_run_info, write_run_info
@@ -50,22 +50,10 @@ class TrainSummary(BaseModel):
     metrics: dict[str, float]
 
 
-def _init_sample(dataset: str, rows: int, seed: int) -> torch.Tensor:
-    """Up to `rows` activations from seeded random shards, for the data-dependent init."""
-    manifest = store.read_manifest(dataset)
-    order = torch.randperm(len(manifest.shards), generator=torch.Generator().manual_seed(seed)).tolist()
-    parts, total = [], 0
-    for i in order:
-        activations, _, _ = store.read_shard(dataset, manifest.shards[i])
-        parts.append(activations.float())
-        total += activations.shape[0]
-        if total >= rows:
-            break
-    return torch.cat(parts)[:rows]
-
-
 def _build(sae_config, layout: ParallelLayout, training, device, init_sample, total_steps) -> SAETrainer:
-    """One SAE of the job (this rank's shard of it), wrapped for data parallelism, and its trainer."""
+    """One SAE of the job (this rank's shard of it), wrapped for data parallelism, and its trainer.
+
+    `init_sample`: (rows, their modality or None), from `ActivationStream.init_sample`."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(training.seed)
@@ -85,7 +73,8 @@ def _build(sae_config, layout: ParallelLayout, training, device, init_sample, to
         model,
         total_steps=total_steps,
         lr=training.lr,
-        sample=init_sample,
+        sample=init_sample[0],
+        sample_modality=init_sample[1],
         layout=layout,
         zero_stage=training.zero_stage,
     )
@@ -135,6 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         part=layout.data_index,
         parts=layout.data_parallel,
         read_tasks=training.read_tasks,
+        text_dataset=config.text_activations,
     )
     total_steps = sum(stream.steps_in_epoch(epoch) for epoch in range(training.epochs))
     device = ray.train.torch.get_device()
@@ -151,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(position.epoch, training.epochs):
         step_in_epoch = position.step if epoch == position.epoch else 0
         for x_bd in stream.epoch(epoch, start_step=step_in_epoch):  # one read of the data for every SAE
-            metrics = [trainer.step(x_bd) for _, trainer in runs]
+            metrics = [trainer.step(x_bd, stream.modality_b) for _, trainer in runs]
             steps, step_in_epoch = steps + 1, step_in_epoch + 1
             if training.checkpoint_every and steps % training.checkpoint_every == 0:
                 reached = StreamPosition(epoch, step_in_epoch)
@@ -172,7 +162,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     eta = (total_steps - steps) * training.batch_size / max(rate, 1e-9)
                     log.warning(
                         "step %d/%d (%.0f%%)  %.0f samples/s  ETA %.0f s  %s",
-                        steps, total_steps, 100 * steps / total_steps, rate, eta,
+                        steps,
+                        total_steps,
+                        100 * steps / total_steps,
+                        rate,
+                        eta,
                         "  ".join(f"[fvu {m['fvu']:.3f} l0 {m['l0']:.1f}]" for m in metrics),
                     )
     if events:
@@ -201,32 +195,33 @@ def run_train(config: TrainConfig) -> TrainSummary:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # The user's mistakes fail here, once, before any worker starts (not as retried worker failures).
-    manifest = store.read_manifest(config.activations)
-    if manifest.d != config.sae.d_in:
-        raise ValueError(
-            f"sae.d_in is {config.sae.d_in} but the activations at {config.activations!r} have "
-            f"d={manifest.d}; set sae.d_in: {manifest.d}"
+    check_training_data(config.sae.d_in, config.activations, config.text_activations, config.paired)
+    if config.text_activations is None and any(sae.architecture == "vl_sae" for _, sae in config.sae_runs()):
+        log.warning(
+            "a vl_sae without text_activations learns the image side only (its text decoder keeps its "
+            "initial weights); set text_activations to train both sides"
         )
     if config.training.latent_shards > 1:
         for _, sae_config in config.sae_runs():
             check_shardable(sae_config, config.training.latent_shards)
     workers = config.training.num_workers
-    ActivationStream(  # fails now if the dataset cannot fill one batch per data-parallel part
+    stream = ActivationStream(  # fails now if a dataset cannot fill one batch per data-parallel part
         config.activations,
         batch_size=config.training.batch_size,
         seed=config.training.seed,
         window_shards=config.training.window_shards,
         parts=workers // config.training.latent_shards,
+        text_dataset=config.text_activations,
     )
     storage.check_writable(config.output)
-    run_fields = checkpoint.run_fields(config, manifest)
+    run_fields = checkpoint.run_fields(config)
     checkpoint.check_resume(config.output, run_fields)  # a resume of another run would go on wrongly
     connect_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "init_sample": _init_sample(config.activations, INIT_SAMPLES, config.training.seed),
+            "init_sample": stream.init_sample(INIT_SAMPLES),
             "run_fields": run_fields,
         },
         scaling_config=ScalingConfig(

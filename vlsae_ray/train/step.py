@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlsae_ray.eval import metrics as eval_metrics
 from vlsae_ray.sae import SparseAutoencoder, SparseLatents
 from vlsae_ray.sae.init import init_dictionary_from_data
 from vlsae_ray.sae.topk import TopKSAE
@@ -126,8 +127,10 @@ class SAETrainer:
         """One optimisation step on a batch of raw activations (`modality_b`: text rows, for a VL-SAE).
 
         Returns `loss` (the sum of the loss terms), `fvu` (sum ||x - x_hat||^2 / sum ||x - mean x||^2
-        on this batch), `l0` (mean active latents per sample), `dead_fraction` (after this step's
-        firings), `lr` (the rate this step used) and one entry per loss term (`mse`, `auxk`, `l1`).
+        on this batch; with `modality_b` also `fvu_vision` and `fvu_text`, each side's own), `l0`
+        (mean active latents per sample), `dead_fraction` (after this step's firings), `lr` (the
+        rate this step used) and one entry per loss term (`mse`, `auxk`, `l1`; a VL-SAE's
+        `mse_vision`, `mse_text`).
         """
         x_bd = x_bd.to(self.sae.b_dec_d.device, torch.float32)
         self.model.train()
@@ -164,6 +167,11 @@ class SAETrainer:
                 "dead_fraction": float(counts[1]) / self.sae.config.n_latents,
                 "lr": lr,
             }
+            if modality_b is not None:  # a VL-SAE: each side's FVU over its own rows
+                text_b = modality_b.to(x_bd.device)
+                for name, rows_b in (("fvu_vision", ~text_b), ("fvu_text", text_b)):
+                    if bool(rows_b.any()):
+                        metrics[name] = eval_metrics.fvu(x_bd[rows_b], x_hat_bd[rows_b])
         metrics.update({name: float(term.detach()) for name, term in aux.items()})
         return metrics
 
