@@ -20,9 +20,10 @@ names go only once a newer record has replaced it.
 
 `run` holds what fixes the data position, the schedule and the saved state's form
 (`run_fields`): the datasets' identity (and a VL-SAE's pairing), batch size, seed, shuffle
-window, epochs, learning rate, layout, ZeRO stage and every SAE's config. A resume that changes any of them is refused before
-any worker starts (`check_resume`), naming each change. checkpoint_every, keep_checkpoints,
-max_failures, read_tasks, cpus_per_worker, use_gpu and the dataset's URI may change.
+window, epochs, learning rate, layout, ZeRO stage and every SAE's config. A resume that changes
+any of them is refused before any worker starts (`check_resume`), naming each change.
+checkpoint_every, keep_checkpoints, max_failures, read_tasks, cpus_per_worker, use_gpu and the
+datasets' URIs may change.
 """
 
 from __future__ import annotations
