@@ -22,8 +22,10 @@ hold the same items in the same order (the pairing VL-SAE needs; see `store`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -186,15 +188,49 @@ def _write_shards(
     return {"hook": np.array(hooks, dtype=object), "record": np.array(records, dtype=object)}
 
 
+def weights_identity(backbone: BackboneConfig) -> str | None:
+    """What names the backbone's weights: a checkpoint file's SHA-256 (read once per run, so a changed
+    file at the same URI is told apart, and the same file at another URI is not), else the pretrained
+    tag (None: the weights are the model's own, e.g. a save_pretrained folder's)."""
+    pretrained = backbone.pretrained
+    if pretrained is None or not (
+        storage.is_s3(pretrained) or Path(storage.local_path(pretrained)).is_file()
+    ):
+        return pretrained
+    return f"sha256:{hashlib.sha256(storage.read_bytes(pretrained)).hexdigest()}"
+
+
+# the config setting behind each field of a dataset's header, named when a resume is refused
+_SETTINGS = {
+    "format": "output",
+    "d": "hook_points",
+    "dtype": "dtype",
+    "library": "backbone.library",
+    "model": "backbone.model",
+    "weights": "backbone.pretrained",
+    "hook_point": "hook_points",
+    "token": "token",
+    "source": "source",
+    "shard_rows": "shard_rows",
+    "items": "source",
+    "listing": "source",
+}
+
+
 def _open_manifests(
     config: ExtractConfig, datasets: dict[str, str], dims: dict[str, int], items: list[Item]
 ) -> dict[str, store.Manifest]:
+    """Each hook point's dataset: a new one, or the one at its output when this job resumes it."""
+    weights = weights_identity(config.backbone)
     manifests = {}
     for hook, dataset in datasets.items():
         fresh = store.Manifest(
             d=dims[hook],
             dtype=config.dtype,
+            library=config.backbone.library,
             model=config.backbone.model,
+            pretrained=config.backbone.pretrained,
+            weights=weights,
             hook_point=hook,
             token=str(config.token),
             source=config.source.model_dump(),
@@ -204,13 +240,25 @@ def _open_manifests(
         )
         existing = store.read_manifest_or_none(dataset)
         if existing is not None:
-            mine = fresh.model_dump(exclude={"shards", "rows", "stats"})
-            theirs = existing.model_dump(exclude={"shards", "rows", "stats"})
-            differ = {key: (theirs[key], mine[key]) for key in mine if mine[key] != theirs[key]}
+            theirs, mine = (
+                existing.model_dump(include=set(_SETTINGS)),
+                fresh.model_dump(include=set(_SETTINGS)),
+            )
+            differ = [
+                f"{_SETTINGS[key]} gave {key}={theirs[key]!r} there, {mine[key]!r} here"
+                + (
+                    f" (checkpoint {existing.pretrained!r} there, {fresh.pretrained!r} here)"
+                    if key == "weights"
+                    else ""
+                )
+                for key in _SETTINGS
+                if theirs[key] != mine[key]
+            ]
             if differ:
                 raise ValueError(
-                    f"{dataset!r} already holds a different activation dataset (existing vs requested: "
-                    f"{differ}); choose another output URI or delete it"
+                    f"{dataset!r} already holds a different activation dataset: {'; '.join(differ)}. To "
+                    "resume it, set these back to the values it was extracted with; else choose another "
+                    "output URI (or delete it)"
                 )
             fresh = existing
         manifests[hook] = fresh
@@ -260,7 +308,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         )
     datasets = {hook: storage.join(config.output, hook) for hook in config.hook_points}
     manifests = _open_manifests(config, datasets, dims, listing.items)
-    committed = {hook: {shard.index for shard in m.shards} for hook, m in manifests.items()}
+    committed = {hook: set(m.shards.index) for hook, m in manifests.items()}
     done = set.intersection(*committed.values())
     n_shards = next(iter(manifests.values())).n_shards
     tasks = _shard_tasks(config, listing.items, n_shards, done, needs_captions="texts" in needs)
@@ -298,8 +346,8 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         )
         _commit_as_written(ds, datasets, manifests)
     skipped_items: dict[str, int] = {}
-    for record in next(iter(manifests.values())).shards:
-        for reason, ids in record.skipped.items():
+    for skipped in next(iter(manifests.values())).shards.skipped.values():
+        for reason, ids in skipped.items():
             skipped_items[reason] = skipped_items.get(reason, 0) + len(ids)
     summary = ExtractSummary(
         datasets=datasets,
