@@ -308,7 +308,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         )
     datasets = {hook: storage.join(config.output, hook) for hook in config.hook_points}
     manifests = _open_manifests(config, datasets, dims, listing.items)
-    committed = {hook: set(m.shards.index) for hook, m in manifests.items()}
+    committed = {hook: set(m.shards.indices) for hook, m in manifests.items()}
     done = set.intersection(*committed.values())
     n_shards = next(iter(manifests.values())).n_shards
     tasks = _shard_tasks(config, listing.items, n_shards, done, needs_captions="texts" in needs)

@@ -113,7 +113,7 @@ class ShardTable(Sequence):
     """
 
     def __init__(self) -> None:
-        self.index: list[int] = []
+        self.indices: list[int] = []
         self.rows: list[int] = []
         self.sha256: list[str] = []
         self.skipped: dict[int, dict[str, list[str]]] = {}
@@ -128,18 +128,18 @@ class ShardTable(Sequence):
     def add_columns(self, columns: dict) -> None:
         """Add an index file's shards (appended in one go when they all come after the table's)."""
         skipped = {int(i): reasons for i, reasons in columns["skipped"].items()}
-        if self.index and columns["index"][0] <= self.index[-1]:
+        if self.indices and columns["index"][0] <= self.indices[-1]:
             for index, rows, sha256 in zip(columns["index"], columns["rows"], columns["sha256"], strict=True):
                 self.add(_record(index, rows, sha256, skipped.get(index, {})))
             return
-        self.index += columns["index"]
+        self.indices += columns["index"]
         self.rows += columns["rows"]
         self.sha256 += columns["sha256"]
         self.skipped.update(skipped)
 
     def columns(self, start: int, stop: int) -> dict:
         """The columns of the shards at positions [start, stop), as an index file holds them."""
-        index = self.index[start:stop]
+        index = self.indices[start:stop]
         skipped = {str(i): self.skipped[i] for i in index if i in self.skipped}
         return {
             "index": index,
@@ -149,18 +149,18 @@ class ShardTable(Sequence):
         }
 
     def position(self, index: int) -> int:
-        return bisect.bisect_left(self.index, index)
+        return bisect.bisect_left(self.indices, index)
 
     def __contains__(self, index: object) -> bool:
         position = self.position(index)
-        return position < len(self.index) and self.index[position] == index
+        return position < len(self.indices) and self.indices[position] == index
 
     def add(self, record: ShardRecord) -> bool:
         """Insert `record` unless its index is already there; True if it was inserted."""
         if record.index in self:
             return False
         position = self.position(record.index)
-        self.index.insert(position, record.index)
+        self.indices.insert(position, record.index)
         self.rows.insert(position, record.rows)
         self.sha256.insert(position, record.sha256)
         if record.skipped:
@@ -168,12 +168,12 @@ class ShardTable(Sequence):
         return True
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.indices)
 
     def __getitem__(self, position):
         if isinstance(position, slice):
             return [self[i] for i in range(*position.indices(len(self)))]
-        index = self.index[position]
+        index = self.indices[position]
         return _record(index, self.rows[position], self.sha256[position], self.skipped.get(index, {}))
 
     def __iter__(self) -> Iterator[ShardRecord]:
@@ -181,8 +181,8 @@ class ShardTable(Sequence):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ShardTable):
-            return (self.index, self.rows, self.sha256, self.skipped) == (
-                other.index,
+            return (self.indices, self.rows, self.sha256, self.skipped) == (
+                other.indices,
                 other.rows,
                 other.sha256,
                 other.skipped,
@@ -281,9 +281,12 @@ def _stats_name(k: int) -> str:
     return f"stats/range-{k:06d}.json"
 
 
-def _number(uri: str) -> int:
-    """The index in an object name like `.../shard-000012.json` or `.../range-000003.json`."""
-    return int(uri.rsplit("-", 1)[1].split(".", 1)[0])
+def _listing(dataset: str, folder: str) -> dict[int, str]:
+    """{index: URI} of the commit records or index files in `folder`, by the number in their name;
+    a local write's temporary file (`.NAME.*.tmp`) is not one."""
+    uris = storage.list_prefix(storage.join(dataset, folder))
+    names = {uri: uri.rsplit("/", 1)[1] for uri in uris}
+    return {int(name.split("-", 1)[1].split(".", 1)[0]): uri for uri, name in names.items() if name[0] != "."}
 
 
 def read_manifest(dataset: str) -> Manifest:
@@ -303,13 +306,12 @@ def read_manifest(dataset: str) -> Manifest:
             f"vlsae_ray cannot read (it reads {FORMAT!r} and {FORMAT_V1!r}): upgrade vlsae_ray"
         )
     # commit records first: one deleted after this listing is in an index file listed after it
-    commits = storage.list_prefix(storage.join(dataset, "commits"))
-    ranges = [_number(uri) for uri in storage.list_prefix(storage.join(dataset, "index"))]
+    commits = _listing(dataset, "commits")
+    ranges = list(_listing(dataset, "index"))
     for columns in _read_index(dataset, ranges):
         manifest.shards.add_columns(columns)
     compacted = set(ranges)
-    for uri in commits:
-        index = _number(uri)
+    for index, uri in commits.items():
         if index // INDEX_RANGE in compacted:  # left by a compaction that stopped before deleting it
             continue
         try:
