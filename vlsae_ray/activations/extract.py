@@ -4,7 +4,9 @@ The unit of work is a shard, one Ray Data row each, so a shard's rows stay toget
 shuffle and the job streams (early shards are committed while later ones are still being read):
 
 1. The driver lists the source's items (`sources.list_items`); item i belongs to shard
-   i // shard_rows. Shards committed in every hook point's dataset are skipped.
+   i // shard_rows. A dataset already at the output is resumed only if it was made with the same
+   settings and weights (`_open_manifests`); shards committed in every hook point's dataset are
+   skipped.
 2. CPU tasks read and preprocess each remaining shard's images (`_decode_shard`). Bad input is
    marked with its reason, never replaced by made-up pixels or text.
 3. An actor pool runs the model (`concurrency` actors, a GPU each when one is visible) over the
@@ -12,7 +14,7 @@ shuffle and the job streams (early shards are committed while later ones are sti
    Ray CPU but runs torch on its share of the node's cores (`cpu_threads`): reserving them all
    would leave no CPU for the decode tasks, which are light and interleave with the forward.
 4. CPU tasks write each hook point's shard (`_write_shards`); the driver commits each written shard
-   to its dataset's manifest as it arrives.
+   to its dataset as it arrives (one small commit record each, see `store`).
 
 An item is skipped in every hook point's dataset when any hook point lacks its input (the image
 for image hooks, the caption for text hooks), so the image-side and text-side datasets of one job

@@ -9,7 +9,8 @@ Protocol (every reader and writer of activations follows it):
   of items [i * shard_rows, (i + 1) * shard_rows), each item's rows together and items in order.
   The header records the item count and a digest of the ordered item ids (`listing`), so a
   resumed job that would list other items is refused instead of mixing two listings; it also
-  records the weights that made the rows (`backbone`), so a resume with other weights is refused.
+  records the backbone (library, model, and `weights`: a checkpoint file's SHA-256, or the
+  pretrained tag), so a resume with other weights is refused too.
 - A shard is one safetensors file `shards/shard-{index:06d}.safetensors` with the tensors
   `activations` [rows, d] (the dataset's dtype) and `token_index` [rows] int32, and the metadata
   `source_ids` (a JSON list of the rows' item ids; the only metadata key, so that a shard's bytes,
@@ -63,6 +64,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field, field_validator
+from pydantic_core import from_json
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -332,7 +334,8 @@ def _read_index(dataset: str, ranges: list[int]) -> list[dict]:
     """The columns of the index files of `ranges`, read concurrently (S3 GETs wait on the network)."""
     uris = [storage.join(dataset, _index_name(k)) for k in ranges]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        return [json.loads(data) for data in pool.map(storage.read_bytes, uris)]
+        # pydantic's JSON parser: twice as fast as the json module's on a million records
+        return [from_json(data) for data in pool.map(storage.read_bytes, uris)]
 
 
 def read_manifest_or_none(dataset: str) -> Manifest | None:
