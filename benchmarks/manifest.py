@@ -158,6 +158,25 @@ def measure_old(root: str, n: int) -> dict:
     return {"commit_s": commit, "read_s": read}
 
 
+def table(rows: list[dict]) -> list[str]:
+    base = rows[0]["new"]["commit_s"]
+    lines = [
+        "| shards | commit, format 1 | commit, format 2: median, mean | format 1 / 2 | format 2 / its 10^3 "
+        "| read, format 1 | read, format 2 | + build records | format 1 / 2 (read) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        old, new, mark = row["old"], row["new"], " (extrapolated)" if row["old_extrapolated"] else ""
+        lines.append(
+            f"| {row['shards']:,} | {old['commit_s'] * 1e3:,.1f} ms{mark} "
+            f"| {new['commit_s'] * 1e3:.2f} ms, {new['commit_mean_s'] * 1e3:.2f} ms "
+            f"| {old['commit_s'] / new['commit_s']:,.0f} | {new['commit_s'] / base:.2f} "
+            f"| {old['read_s']:,.2f} s{mark} | {new['read_s']:.3f} s "
+            f"| {new['read_and_build_records_s']:.2f} s | {old['read_s'] / new['read_s']:,.1f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -181,21 +200,7 @@ def main() -> None:
             {"shards": n, "new": new, "old": old, "old_extrapolated": extrapolated, "load": os.getloadavg()}
         )
         print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]["new"]["commit_s"]
-    lines = [
-        "| shards | commit, format 1 | commit, format 2: median, mean | format 1 / 2 | format 2 / its 10^3 "
-        "| read, format 1 | read, format 2 | + build records | format 1 / 2 (read) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        old, new, mark = row["old"], row["new"], " (extrapolated)" if row["old_extrapolated"] else ""
-        lines.append(
-            f"| {row['shards']:,} | {old['commit_s'] * 1e3:,.1f} ms{mark} "
-            f"| {new['commit_s'] * 1e3:.2f} ms, {new['commit_mean_s'] * 1e3:.2f} ms "
-            f"| {old['commit_s'] / new['commit_s']:,.0f} | {new['commit_s'] / base:.2f} "
-            f"| {old['read_s']:,.2f} s{mark} | {new['read_s']:.2f} s "
-            f"| {new['read_and_build_records_s']:.2f} s | {old['read_s'] / new['read_s']:,.1f} |"
-        )
+    lines = table(rows)
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
