@@ -385,3 +385,14 @@ def test_bad_hook_point_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="valid hook points"):
         run_extract(config)
     assert not storage.exists(storage.join(config.output, "visual.transformer.resblocks.99", "manifest.json"))
+
+
+def test_a_missing_checkpoint_file_fails_before_any_work(tmp_path):
+    missing = f"file://{tmp_path}/missing.pt"
+    config = extract_config(str(tmp_path), hook_points=["visual"])
+    config = config.model_copy(
+        update={"backbone": config.backbone.model_copy(update={"pretrained": missing})}
+    )
+    with pytest.raises(ValueError, match=f"backbone.pretrained '{missing}': no checkpoint file there"):
+        run_extract(config)
+    assert store.read_manifest_or_none(storage.join(config.output, "visual")) is None

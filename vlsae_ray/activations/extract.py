@@ -196,10 +196,16 @@ def weights_identity(backbone: BackboneConfig) -> str | None:
     tag (None: the weights are the model's own, e.g. a save_pretrained folder's)."""
     pretrained = backbone.pretrained
     if pretrained is None or not (
-        storage.is_s3(pretrained) or Path(storage.local_path(pretrained)).is_file()
+        storage.is_s3(pretrained) or pretrained.startswith("file://") or Path(pretrained).is_file()
     ):
         return pretrained
-    return f"sha256:{hashlib.sha256(storage.read_bytes(pretrained)).hexdigest()}"
+    try:
+        checkpoint = storage.read_bytes(pretrained)
+    except FileNotFoundError:
+        raise ValueError(
+            f"backbone.pretrained {pretrained!r}: no checkpoint file there; fix the URI"
+        ) from None
+    return f"sha256:{hashlib.sha256(checkpoint).hexdigest()}"
 
 
 # the config setting behind each field of a dataset's header, named when a resume is refused
