@@ -1,6 +1,7 @@
 """Extraction on a real local Ray, to a local folder and to the SeaweedFS server."""
 
 import concurrent.futures
+import io
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import torch
 from vlsae_ray import storage
 from vlsae_ray.activations import extract, store
 from vlsae_ray.activations.extract import run_extract
-from vlsae_ray.activations.sources import BadInputError, load_image, source_items
+from vlsae_ray.activations.sources import BadInputError, list_items, load_image, source_items
 from vlsae_ray.backbones import builtin_backbone, load_backbone
 from vlsae_ray.config import ExtractConfig, SourceConfig, TokenConfig
 
@@ -54,6 +55,22 @@ def stored_rows(dataset: str):
     return torch.cat(xs), ids, torch.cat(tokens)
 
 
+def kill_before_last_commit(dataset: str) -> None:
+    """Leave a complete `dataset` as a job killed before it committed its last shard leaves it: its
+    other shards committed one by one, its last shard never written."""
+    manifest = store.read_manifest(dataset)
+    # the records as the job's write tasks returned them (with their statistics), from the same shards
+    records = [
+        store.write_shard(dataset, r.index, *store.read_shard(dataset, r), r.skipped) for r in manifest.shards
+    ]
+    for uri in storage.list_prefix(dataset):
+        if uri.endswith(records[-1].name) or not uri.endswith((".safetensors", "run.json")):
+            storage.delete(uri)
+    header = manifest.model_copy(update={"shards": store.ShardTable(), "stats": None})
+    for record in records[:-1]:
+        header = store.commit(dataset, header, [record])
+
+
 def assert_matches(dataset: str, expected) -> None:
     x, ids, tokens = stored_rows(dataset)
     x_expected, ids_expected, tokens_expected = expected
@@ -85,8 +102,7 @@ def test_extract_matches_direct_forward_and_resumes(ray_cluster, store_root):
     manifest = store.read_manifest(dataset)
     before = stored_rows(dataset)
     other_hook = store.read_manifest(summary.datasets["visual"])
-    store.commit(dataset, manifest.model_copy(update={"shards": manifest.shards[:2], "stats": None}), [])
-    storage.delete(storage.join(dataset, manifest.shards[2].name))
+    kill_before_last_commit(dataset)
     rerun = run_extract(config)
     assert (rerun.shards_written, rerun.shards_skipped) == (1, 2)
     after = stored_rows(dataset)
@@ -262,7 +278,7 @@ def test_a_killed_model_actor_is_replaced_and_every_row_lands_once(
             while not job.done():
                 taken = batches()
                 if len(taken) > allowed:  # the actor waits inside its next batch
-                    if store.read_manifest_or_none(dataset) is not None:
+                    if getattr(store.read_manifest_or_none(dataset), "shards", None):  # one committed
                         break
                     if all(written(shard) for shard, _ in taken[:-1]):
                         allowed += 1
@@ -295,8 +311,71 @@ def test_extract_refuses_a_different_dataset_at_the_output(ray_cluster, tmp_path
     config = extract_config(str(tmp_path), n_items=16)
     run_extract(config)
     other = config.model_copy(update={"source": SourceConfig(n_items=20)})
-    with pytest.raises(ValueError, match="already holds a different activation dataset.*'n_items': 16"):
+    with pytest.raises(
+        ValueError, match="already holds a different activation dataset: source gave .*'n_items': 16"
+    ):
         run_extract(other)
+    for update, setting in [
+        ({"dtype": "float32"}, "dtype gave dtype='float16' there, 'float32' here"),
+        ({"token": TokenConfig(mode="mean")}, "token gave token='cls' there, 'mean' here"),
+    ]:
+        with pytest.raises(ValueError, match=f"{setting}.*set these back.*choose another output URI"):
+            run_extract(config.model_copy(update=update))
+
+
+def other_weights(checkpoint: bytes) -> bytes:
+    """The world CLIP's checkpoint with one weight changed: another fine-tune of the same model."""
+    state = torch.load(io.BytesIO(checkpoint), weights_only=True)
+    name = next(iter(state["state_dict"]))
+    state["state_dict"][name] = state["state_dict"][name] + 1e-3
+    out = io.BytesIO()
+    torch.save(state, out)
+    return out.getvalue()
+
+
+def test_a_resume_with_other_backbone_weights_is_refused(ray_cluster, store_root):
+    """Weights are named by the checkpoint's content: another file, or a changed file at the same URI,
+    is refused before any work; the same weights (even copied to another URI) resume."""
+    config = extract_config(store_root, n_items=8, hook_points=["visual"], shard_rows=4)
+    dataset = run_extract(config).datasets["visual"]
+    kill_before_last_commit(dataset)
+    interrupted = store.read_manifest(dataset)
+    checkpoint = storage.read_bytes(config.backbone.pretrained)
+
+    other_file = storage.join(store_root, "other-clip.pt")
+    storage.write_bytes(other_file, other_weights(checkpoint))
+    refusal = r"backbone\.pretrained gave weights='sha256:[0-9a-f]{64}' there, 'sha256:[0-9a-f]{64}' here"
+    with pytest.raises(
+        ValueError, match=f"{refusal}.*{config.backbone.pretrained!r} there, {other_file!r} here"
+    ):
+        run_extract(
+            config.model_copy(
+                update={"backbone": config.backbone.model_copy(update={"pretrained": other_file})}
+            )
+        )
+    storage.write_bytes(config.backbone.pretrained, other_weights(checkpoint))  # changed in place
+    with pytest.raises(ValueError, match=refusal):
+        run_extract(config)
+    assert store.read_manifest(dataset) == interrupted  # nothing was written
+    # another library's model cannot load here (no weights download): the check itself, on this dataset
+    other_library = config.model_copy(
+        update={"backbone": config.backbone.model_copy(update={"library": "transformers"})}
+    )
+    items = list_items(config.source).items
+    with pytest.raises(
+        ValueError, match="backbone.library gave library='open_clip' there, 'transformers' here"
+    ):
+        extract._open_manifests(other_library, {"visual": dataset}, {"visual": interrupted.d}, items)
+
+    storage.write_bytes(config.backbone.pretrained, checkpoint)  # the original weights back
+    copied = storage.join(store_root, "copy-of-world-clip.pt")
+    storage.write_bytes(copied, checkpoint)
+    same_weights = config.model_copy(
+        update={"backbone": config.backbone.model_copy(update={"pretrained": copied})}
+    )
+    rerun = run_extract(same_weights)
+    assert (rerun.shards_written, rerun.shards_skipped) == (1, 1)
+    assert store.read_manifest(dataset).complete and stored_rows(dataset)[0].shape[0] == 8
 
 
 def test_bad_hook_point_fails_before_any_work(tmp_path):
@@ -306,3 +385,14 @@ def test_bad_hook_point_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="valid hook points"):
         run_extract(config)
     assert not storage.exists(storage.join(config.output, "visual.transformer.resblocks.99", "manifest.json"))
+
+
+def test_a_missing_checkpoint_file_fails_before_any_work(tmp_path):
+    missing = f"file://{tmp_path}/missing.pt"
+    config = extract_config(str(tmp_path), hook_points=["visual"])
+    config = config.model_copy(
+        update={"backbone": config.backbone.model_copy(update={"pretrained": missing})}
+    )
+    with pytest.raises(ValueError, match=f"backbone.pretrained '{missing}': no checkpoint file there"):
+        run_extract(config)
+    assert store.read_manifest_or_none(storage.join(config.output, "visual")) is None

@@ -4,7 +4,9 @@ The unit of work is a shard, one Ray Data row each, so a shard's rows stay toget
 shuffle and the job streams (early shards are committed while later ones are still being read):
 
 1. The driver lists the source's items (`sources.list_items`); item i belongs to shard
-   i // shard_rows. Shards committed in every hook point's dataset are skipped.
+   i // shard_rows. A dataset already at the output is resumed only if it was made with the same
+   settings and weights (`_open_manifests`); shards committed in every hook point's dataset are
+   skipped.
 2. CPU tasks read and preprocess each remaining shard's images (`_decode_shard`). Bad input is
    marked with its reason, never replaced by made-up pixels or text.
 3. An actor pool runs the model (`concurrency` actors, `gpus_per_actor` GPUs each when the Ray
@@ -13,7 +15,7 @@ shuffle and the job streams (early shards are committed while later ones are sti
    Ray CPU but runs torch on its share of the node's cores (`cpu_threads`): reserving them all
    would leave no CPU for the decode tasks, which are light and interleave with the forward.
 4. CPU tasks write each hook point's shard (`_write_shards`); the driver commits each written shard
-   to its dataset's manifest as it arrives.
+   to its dataset as it arrives (one small commit record each, see `store`).
 
 An item is skipped in every hook point's dataset when any hook point lacks its input (the image
 for image hooks, the caption for text hooks), so the image-side and text-side datasets of one job
@@ -23,8 +25,10 @@ hold the same items in the same order (the pairing VL-SAE needs; see `store`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -189,15 +193,55 @@ def _write_shards(
     return {"hook": np.array(hooks, dtype=object), "record": np.array(records, dtype=object)}
 
 
+def weights_identity(backbone: BackboneConfig) -> str | None:
+    """What names the backbone's weights: a checkpoint file's SHA-256 (read once per run, so a changed
+    file at the same URI is told apart, and the same file at another URI is not), else the pretrained
+    tag (None: the weights are the model's own, e.g. a save_pretrained folder's)."""
+    pretrained = backbone.pretrained
+    if pretrained is None or not (
+        storage.is_s3(pretrained) or pretrained.startswith("file://") or Path(pretrained).is_file()
+    ):
+        return pretrained
+    try:
+        checkpoint = storage.read_bytes(pretrained)
+    except FileNotFoundError:
+        raise ValueError(
+            f"backbone.pretrained {pretrained!r}: no checkpoint file there; fix the URI"
+        ) from None
+    return f"sha256:{hashlib.sha256(checkpoint).hexdigest()}"
+
+
+# the config setting behind each field of a dataset's header, named when a resume is refused
+_SETTINGS = {
+    "format": "output",
+    "d": "hook_points",
+    "dtype": "dtype",
+    "library": "backbone.library",
+    "model": "backbone.model",
+    "weights": "backbone.pretrained",
+    "hook_point": "hook_points",
+    "token": "token",
+    "source": "source",
+    "shard_rows": "shard_rows",
+    "items": "source",
+    "listing": "source",
+}
+
+
 def _open_manifests(
     config: ExtractConfig, datasets: dict[str, str], dims: dict[str, int], items: list[Item]
 ) -> dict[str, store.Manifest]:
+    """Each hook point's dataset: a new one, or the one at its output when this job resumes it."""
+    weights = weights_identity(config.backbone)
     manifests = {}
     for hook, dataset in datasets.items():
         fresh = store.Manifest(
             d=dims[hook],
             dtype=config.dtype,
+            library=config.backbone.library,
             model=config.backbone.model,
+            pretrained=config.backbone.pretrained,
+            weights=weights,
             hook_point=hook,
             token=str(config.token),
             source=config.source.model_dump(),
@@ -207,13 +251,25 @@ def _open_manifests(
         )
         existing = store.read_manifest_or_none(dataset)
         if existing is not None:
-            mine = fresh.model_dump(exclude={"shards", "rows", "stats"})
-            theirs = existing.model_dump(exclude={"shards", "rows", "stats"})
-            differ = {key: (theirs[key], mine[key]) for key in mine if mine[key] != theirs[key]}
+            theirs, mine = (
+                existing.model_dump(include=set(_SETTINGS)),
+                fresh.model_dump(include=set(_SETTINGS)),
+            )
+            differ = [
+                f"{_SETTINGS[key]} gave {key}={theirs[key]!r} there, {mine[key]!r} here"
+                + (
+                    f" (checkpoint {existing.pretrained!r} there, {fresh.pretrained!r} here)"
+                    if key == "weights"
+                    else ""
+                )
+                for key in _SETTINGS
+                if theirs[key] != mine[key]
+            ]
             if differ:
                 raise ValueError(
-                    f"{dataset!r} already holds a different activation dataset (existing vs requested: "
-                    f"{differ}); choose another output URI or delete it"
+                    f"{dataset!r} already holds a different activation dataset: {'; '.join(differ)}. To "
+                    "resume it, set these back to the values it was extracted with; else choose another "
+                    "output URI (or delete it)"
                 )
             fresh = existing
         manifests[hook] = fresh
@@ -263,7 +319,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         )
     datasets = {hook: storage.join(config.output, hook) for hook in config.hook_points}
     manifests = _open_manifests(config, datasets, dims, listing.items)
-    committed = {hook: {shard.index for shard in m.shards} for hook, m in manifests.items()}
+    committed = {hook: set(m.shards.indices) for hook, m in manifests.items()}
     done = set.intersection(*committed.values())
     n_shards = next(iter(manifests.values())).n_shards
     tasks = _shard_tasks(config, listing.items, n_shards, done, needs_captions="texts" in needs)
@@ -303,8 +359,8 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         )
         _commit_as_written(ds, datasets, manifests)
     skipped_items: dict[str, int] = {}
-    for record in next(iter(manifests.values())).shards:
-        for reason, ids in record.skipped.items():
+    for skipped in next(iter(manifests.values())).shards.skipped.values():
+        for reason, ids in skipped.items():
             skipped_items[reason] = skipped_items.get(reason, 0) + len(ids)
     summary = ExtractSummary(
         datasets=datasets,
