@@ -25,7 +25,7 @@ from vlsae_ray.activations import store
 
 def shard_offsets(manifest: store.Manifest) -> list[int]:
     """The global row id of each shard's first row (shards in manifest order)."""
-    return np.concatenate([[0], np.cumsum([shard.rows for shard in manifest.shards])[:-1]]).tolist()
+    return np.concatenate([[0], np.cumsum(manifest.shards.rows, dtype=np.int64)[:-1]]).tolist()
 
 
 def shard_dataset(dataset: str):

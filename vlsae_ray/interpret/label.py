@@ -36,7 +36,8 @@ from vlsae_ray.interpret.naming import (
 from vlsae_ray.interpret.top_examples import TopExamples, top_examples
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
-from vlsae_ray.sae.base import WEIGHTS_FILE, load_sae
+from vlsae_ray.sae import checkpoint
+from vlsae_ray.sae.base import load_sae
 from vlsae_ray.world import MODEL_NAME
 
 
@@ -175,7 +176,8 @@ def run_label(config: LabelConfig) -> LabelSummary:
         caption_list, caption_values = _examples(texts, latent, captions) if texts else (None, None)
         columns["top_captions"].append(caption_list)
         columns["top_caption_activations"].append(caption_values)
-    sha256 = hashlib.sha256(storage.read_bytes(storage.join(config.sae, WEIGHTS_FILE))).hexdigest()
+    # a sharded checkpoint's index lists every shard file's SHA-256, so its hash names the weights too
+    sha256 = hashlib.sha256(storage.read_bytes(checkpoint.commit_uri(config.sae))).hexdigest()
     columns |= {
         "sae": [config.sae] * n_latents,
         "sae_sha256": [sha256] * n_latents,
