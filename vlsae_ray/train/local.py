@@ -26,7 +26,8 @@ def fit_local(
     Each epoch visits the rows in a fresh order (torch.Generator seeded by `seed`); the
     data-dependent init uses `init_samples` rows drawn with the same generator (0: no data init).
     `modality` ([N] bool, True = text rows) is for a VL-SAE, whose rows may be paired or not.
-    `options` go to `SAETrainer` (lr, warmup_steps, decay_fraction, grad_clip, dead_tokens_threshold).
+    `options` go to `SAETrainer` (lr, warmup_steps, decay_fraction, grad_clip, dead_tokens_threshold,
+    precision: "fp32", "tf32" or "bf16").
     Returns the final step's metrics (`loss`, `fvu`, `l0`, `dead_fraction`, `lr` and the loss
     terms) plus `steps` and `samples`, the number of optimisation steps and of samples seen.
     """

@@ -84,6 +84,7 @@ def _build(sae_config, layout: ParallelLayout, training, device, init_sample, to
         sample=init_sample,
         layout=layout,
         zero_stage=training.zero_stage,
+        precision=training.precision,
     )
 
 
