@@ -32,7 +32,7 @@ if layout.data_parallel > 1 and zero_stage is None:
     wrapped = DistributedDataParallel(model, process_group=layout.data_group)
 trainer = SAETrainer(
     wrapped, total_steps=spec["steps"], lr=spec["lr"], sample=x[:256], dead_tokens_threshold=spec["dead"],
-    layout=layout, zero_stage=zero_stage,
+    layout=layout, zero_stage=zero_stage, precision=spec.get("precision", "fp32"),
 )
 part = spec["batch"] // layout.data_parallel
 losses = []

@@ -45,7 +45,8 @@ def reference(x, spec):
     torch.manual_seed(0)
     sae = build_sae(spec["sae"])
     trainer = SAETrainer(
-        sae, total_steps=spec["steps"], lr=spec["lr"], sample=x[:256], dead_tokens_threshold=spec["dead"]
+        sae, total_steps=spec["steps"], lr=spec["lr"], sample=x[:256], dead_tokens_threshold=spec["dead"],
+        precision=spec["precision"],
     )
     metrics = [trainer.step(x[s * spec["batch"] : (s + 1) * spec["batch"]]) for s in range(spec["steps"])]
     with torch.no_grad():
@@ -54,33 +55,44 @@ def reference(x, spec):
 
 
 @pytest.mark.parametrize(
-    ("architecture", "world", "latent_shards", "dead", "zero_stage"),
+    ("architecture", "world", "latent_shards", "dead", "zero_stage", "precision"),
     [
-        ("topk", 2, 2, 64, None),  # 2 shards; latents die after one batch, so AuxK runs across shards
-        ("batchtopk", 2, 2, 64, None),
-        ("topk", 4, 4, 64, None),
+        ("topk", 2, 2, 64, None, "fp32"),  # 2 shards; latents die after one batch, so AuxK runs across shards
+        ("batchtopk", 2, 2, 64, None, "fp32"),
+        ("topk", 4, 4, 64, None, "fp32"),
         # data parallel: no AuxK, whose loss is not a mean over the batch
-        ("topk", 4, 2, 10**9, None),  # 2 data-parallel x 2 latent shards, DDP
-        ("topk", 2, 1, 10**9, 1),  # DeepSpeed ZeRO-1 over 2 workers
-        ("topk", 2, 1, 10**9, 2),  # ZeRO-2
+        ("topk", 4, 2, 10**9, None, "fp32"),  # 2 data-parallel x 2 latent shards, DDP
+        ("topk", 2, 1, 10**9, 1, "fp32"),  # DeepSpeed ZeRO-1 over 2 workers
+        ("topk", 2, 1, 10**9, 2, "fp32"),  # ZeRO-2
+        # bf16 (autocast forward): bf16 candidates gathered across shards, fp32 all-reduce of the decodes
+        ("topk", 2, 2, 64, None, "bf16"),
+        ("batchtopk", 2, 2, 64, None, "bf16"),
+        ("topk", 2, 1, 10**9, 2, "bf16"),  # ZeRO-2 keeps fp32 weights, bf16 is the forward's autocast
     ],
 )
 def test_distributed_training_matches_one_process(
-    tmp_path, architecture, world, latent_shards, dead, zero_stage
+    tmp_path, architecture, world, latent_shards, dead, zero_stage, precision
 ):
     x = 2.0 * torch.randn(STEPS * BATCH, SAE["d_in"], generator=torch.Generator().manual_seed(1)) + 1.0
     spec = {"sae": {"architecture": architecture, **SAE}, "steps": STEPS, "batch": BATCH, "dead": dead,
-            "lr": LR, "zero_stage": zero_stage}
+            "lr": LR, "zero_stage": zero_stage, "precision": precision}
     expected_metrics, expected_state, expected_z = reference(x, spec)
     results = run_ranks(tmp_path, world, latent_shards, spec, x)
+    # Shards compute the same bf16 pre-activations as one process, but bf16 values tie often (8-bit
+    # mantissa) and shards break ties at the top-k cutoff differently: there the runs agree to bf16's
+    # resolution, not to fp32 rounding (measured: losses within 0.6%, weights within 0.02).
+    ties = precision == "bf16" and latent_shards > 1
+    rel, atol = (2e-2, 5e-2) if ties else (1e-4, 1e-5)
     if world == latent_shards:
         assert any("auxk" in m for m in expected_metrics) == (dead < 10**9)
     for step, expected in enumerate(expected_metrics):
         # each data-parallel part's loss is the MSE of its half batch: their mean is the full batch's
         loss = sum(r["metrics"][step]["loss"] for r in results) / len(results)
-        assert loss == pytest.approx(expected["loss"], rel=1e-4)
-        assert results[0]["metrics"][step]["dead_fraction"] == pytest.approx(expected["dead_fraction"])
+        assert loss == pytest.approx(expected["loss"], rel=rel)
+        if not ties:
+            assert results[0]["metrics"][step]["dead_fraction"] == pytest.approx(expected["dead_fraction"])
     for result in results:
         for name, tensor in expected_state.items():
-            torch.testing.assert_close(result["state"][name], tensor, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(result["z"], expected_z, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(result["state"][name], tensor, rtol=rel, atol=atol)
+        if not ties:  # a tie broken the other way is another latent: z differs there by whole values
+            torch.testing.assert_close(result["z"], expected_z, rtol=1e-4, atol=1e-5)
