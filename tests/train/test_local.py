@@ -251,7 +251,9 @@ def test_bf16_runs_the_encoder_gemm_and_decode_in_bf16_on_fp32_master_weights(pr
     # fp32 master weights, gradients and Adam state
     for p in sae.parameters():
         assert p.dtype == p.grad.dtype == torch.float32
-        assert all(t.dtype == torch.float32 for t in trainer.optimizer.state[p].values() if t.is_floating_point())
+        assert all(
+            t.dtype == torch.float32 for t in trainer.optimizer.state[p].values() if t.is_floating_point()
+        )
 
 
 def test_fp32_is_the_default_bit_for_bit_and_bf16_is_another_run(one_thread):

@@ -47,7 +47,7 @@ def dense_reference():
 
 
 def compute_dtype(weights: torch.Tensor) -> torch.dtype:
-    """The dtype a product with `weights` runs in: autocast's where it is on (bf16 in training), else theirs."""
+    """The dtype a product with `weights` runs in: autocast's where it is on, else the weights' own."""
     device = weights.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weights.dtype
 
