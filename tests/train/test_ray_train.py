@@ -198,6 +198,8 @@ def test_bf16_training_through_ray_train_is_the_one_process_bf16_step(ray_cluste
 
     stream = ActivationStream(root, batch_size=64, seed=config.training.seed, window_shards=4)
     runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker, whose 0.5 CPU gives it one thread
     for precision in ("bf16", "fp32"):
         torch.manual_seed(config.training.seed)  # as the worker builds its SAE
         sae = build_sae(config.sae)
@@ -209,6 +211,7 @@ def test_bf16_training_through_ray_train_is_the_one_process_bf16_step(ray_cluste
         saved = build_sae(config.sae)
         saved.load_state_dict(sae.folded_state_dict())
         runs[precision] = (metrics[-1], saved)
+    torch.set_num_threads(threads)
     assert summary.metrics["loss"] == pytest.approx(runs["bf16"][0]["loss"], rel=1e-5)
     trained = SparseAutoencoder.load(config.output)
     assert all(t.dtype == torch.float32 for t in trained.state_dict().values() if t.is_floating_point())
