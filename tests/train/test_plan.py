@@ -14,6 +14,7 @@ Run as a script, this file is one rank of a 2-shard run (`sharded_peak`).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import subprocess
@@ -58,6 +59,9 @@ def step_peak(setup) -> tuple[int, int]:
 
     `setup()` builds everything and returns the step to measure; both run inside the profiler.
     """
+    # A previous test's trainer is a reference cycle (its schedule calls its method): free it now,
+    # or the collector frees it during this profile and the running total drops by its bytes.
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step = setup()
         with record_function("measured_step"):
