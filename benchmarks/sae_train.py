@@ -8,6 +8,9 @@ encoder-GEMM bound: measured dense fp32 GEMM FLOP/s / (2 d F), the cost of the f
 alone. The GEMM is measured right before each trainer, so each ratio uses the load of its own time.
 
     .venv-bench/bin/python benchmarks/sae_train.py [--samples 262144] [--out benchmarks/results]
+
+With both "vlsae_ray topk" and "vlsae_ray topk, bf16" (`training.precision: bf16`) in the run, the
+results end with bf16's eval FVU and samples/s as ratios of fp32's, from the same rows and seed.
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ def batches(x_nd: torch.Tensor, seed: int):
 # -- trainers: each returns (decoder rows [F, d], encode_decode(x) -> (x_hat, z)) -------------------
 
 
-def train_ours(x_nd, seed, **options):
+def train_ours(x_nd, seed, precision="fp32", **options):
     torch.manual_seed(seed)
     sae = build_sae({"architecture": "topk", "d_in": D, "n_latents": F, "k": K, **options})
-    fit_local(sae, x_nd, batch_size=BATCH, epochs=1, seed=seed)
+    fit_local(sae, x_nd, batch_size=BATCH, epochs=1, seed=seed, precision=precision)
     sae.eval()
 
     def run(x):
@@ -66,6 +69,11 @@ def train_ours(x_nd, seed, **options):
 def train_ours_shortlist(x_nd, seed):
     """Our TopK with its one non-default option: the bf16 encoder shortlist (exact top-k values)."""
     return train_ours(x_nd, seed, encoder_shortlist=8)
+
+
+def train_ours_bf16(x_nd, seed):
+    """Our TopK with `precision: bf16`: bf16 encoder GEMM, selection and decode, fp32 weights and Adam."""
+    return train_ours(x_nd, seed, precision="bf16")
 
 
 def train_ours_batchtopk(x_nd, seed):
@@ -174,6 +182,7 @@ def train_overcomplete(x_nd, seed):
 TRAINERS = {
     "vlsae_ray topk": train_ours,
     "vlsae_ray topk, bf16 shortlist": train_ours_shortlist,
+    "vlsae_ray topk, bf16": train_ours_bf16,
     "vlsae_ray batchtopk": train_ours_batchtopk,
     "sparsify": train_sparsify,
     "dictionary_learning": train_dictionary_learning,
@@ -257,6 +266,15 @@ def write_results(rows: list[dict], args) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     table += [markdown_row(r) for r in rows]
+    by_name = {r["trainer"]: r for r in rows if "error" not in r}
+    if {"vlsae_ray topk", "vlsae_ray topk, bf16"} <= by_name.keys():
+        fp32, bf16 = by_name["vlsae_ray topk"], by_name["vlsae_ray topk, bf16"]
+        table += [
+            "",
+            f"bf16 / fp32 (topk): eval FVU ratio {bf16['fvu'] / fp32['fvu']:.4f}"
+            f" ({bf16['fvu']:.4f} / {fp32['fvu']:.4f}), samples/s ratio"
+            f" {bf16['samples_per_s'] / fp32['samples_per_s']:.2f}",
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sae_train.json").write_text(json.dumps(rows, indent=2))
     (args.out / "sae_train.md").write_text("\n".join(table) + "\n")

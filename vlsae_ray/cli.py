@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     plan_cmd.add_argument("--latents", type=int, required=True, help="number of latents F")
     plan_cmd.add_argument("--k", type=int, required=True, help="active latents per sample")
     plan_cmd.add_argument("--batch", type=int, required=True, help="global batch (samples per step)")
-    plan_cmd.add_argument("--dtype", default="fp32", help="weights and activations: fp32, bf16 or fp16")
+    plan_cmd.add_argument(
+        "--precision",
+        default="fp32",
+        help="the trainer's training.precision: fp32, tf32 or bf16 (fp32 weights and Adam; bf16 forward)",
+    )
     plan_cmd.add_argument("--gpus", type=int, required=True, help="number of GPUs (workers)")
     plan_cmd.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU in GiB")
     plan_cmd.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0, 1 or 2 (default: try all)")
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.latents,
                 args.k,
                 args.batch,
-                args.dtype,
+                args.precision,
                 args.gpus,
                 args.gpu_memory_gb,
                 zero_stage=args.zero_stage,

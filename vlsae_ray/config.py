@@ -182,6 +182,12 @@ class ExtractConfig(Strict):
     )
 
 
+# The trainer's arithmetic (`train.step.SAETrainer`): fp32 master weights, gradients and Adam in every
+# mode. fp32: fp32 products. tf32: fp32 with TF32 tensor-core matmuls on CUDA (plain fp32 on CPU).
+# bf16: the forward under torch.autocast(bfloat16): bf16 encoder GEMM, selection and decode products.
+Precision = Literal["fp32", "tf32", "bf16"]
+
+
 class TrainingConfig(Strict):
     batch_size: int = Field(1024, gt=0, description="global batch size (split across data-parallel workers)")
     epochs: int = Field(1, gt=0)
@@ -217,6 +223,11 @@ class TrainingConfig(Strict):
         None,
         description="DeepSpeed ZeRO over the data-parallel workers: 1 partitions Adam's state, 2 also the "
         "gradients; None: DistributedDataParallel",
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="fp32; tf32: TF32 matmuls on CUDA; bf16: mixed precision, the forward's encoder GEMM, "
+        "top-k selection and decode in bf16 (fp32 accumulation), fp32 master weights, gradients, Adam, loss",
     )
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ trainer = SAETrainer(
     dead_tokens_threshold=spec["dead"],
     layout=layout,
     zero_stage=zero_stage,
+    precision=spec.get("precision", "fp32"),
 )
 part = spec["batch"] // layout.data_parallel
 losses = []

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlsae_ray.sae import build_sae
 from vlsae_ray.sae.topk import topk_relu
@@ -210,3 +211,110 @@ def test_batchtopk_threshold_gives_an_eval_l0_near_k_after_a_short_run(one_threa
     with torch.no_grad():
         z = sae.eval().encode(data.x_nd)
     assert 3.0 <= float((z > 0).sum(-1).float().mean()) <= 5.0
+
+
+class OpDtypes(TorchDispatchMode):
+    """Records (aten op, dtypes of its tensor arguments, dtype of its first output) of every op run."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, tuple) else out
+        dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else None
+        self.calls.append((func.overloadpacket.__name__, dtypes, getattr(first, "dtype", None), shape))
+        return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_runs_the_encoder_gemm_and_decode_in_bf16_on_fp32_master_weights(precision):
+    torch.manual_seed(0)
+    x = 3.0 * torch.randn(256, 16) + 1.0
+    sae = build_sae(TOPK)
+    trainer = SAETrainer(sae, total_steps=10, sample=x, dead_tokens_threshold=32, precision=precision)
+    trainer.step(x[:32])  # the latents that did not fire are dead now: the next step runs AuxK too
+    with OpDtypes() as ops:
+        metrics = trainer.step(x[32:64])
+    assert "auxk" in metrics and all(isinstance(v, float) for v in metrics.values())
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    # the encoder GEMM: [32, 64] pre-activations from the (cast) weights
+    gemms = [c for c in ops.calls if c[0] == "addmm" and c[3] == (32, 64)]
+    assert gemms and all(c[1][1:] == (compute, compute) and c[2] == compute for c in gemms)
+    # the sparse decode (main and AuxK) in the forward: bf16 rows of W_dec [64, 16] and bf16 weights
+    decodes = [c for c in ops.calls if c[0].startswith("_embedding_bag") and c[1][0] == compute]
+    assert len(decodes) >= 2
+    if precision == "fp32":  # the default never leaves fp32
+        assert not any(torch.bfloat16 in c[1] or c[2] == torch.bfloat16 for c in ops.calls)
+    # fp32 master weights, gradients and Adam state
+    for p in sae.parameters():
+        assert p.dtype == p.grad.dtype == torch.float32
+        assert all(
+            t.dtype == torch.float32 for t in trainer.optimizer.state[p].values() if t.is_floating_point()
+        )
+
+
+def test_fp32_is_the_default_bit_for_bit_and_bf16_is_another_run(one_thread):
+    x, _, _ = planted(1024, 16, 32, active=2, noise=0.01, seed=2)
+    runs = []
+    for options in ({}, {"precision": "fp32"}, {"precision": "bf16"}):
+        torch.manual_seed(0)
+        sae = build_sae(TOPK)
+        runs.append((fit_local(sae, x, batch_size=64, epochs=2, seed=0, **options), sae.state_dict()))
+    (default, default_state), (fp32, fp32_state), (bf16, bf16_state) = runs
+    assert default == fp32 and all(torch.equal(default_state[n], t) for n, t in fp32_state.items())
+    assert bf16 != fp32 and not torch.equal(bf16_state["W_dec_fd"], fp32_state["W_dec_fd"])
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu", "vl_sae"])
+def test_bf16_training_reaches_the_fp32_fvu(one_thread, architecture):
+    from vlsae_ray.sae.synthetic import planted_features
+
+    data = planted_features(4096, 32, 64, active=3, alpha=0.3, noise_fvu=0.02, seed=4)
+    config = {"architecture": architecture, "d_in": 32, "n_latents": 256, "k": 4}
+    if architecture == "jumprelu":
+        config = {"architecture": architecture, "d_in": 32, "n_latents": 256}
+    fvus = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        sae = build_sae(config)
+        fit_local(sae, data.x_nd, batch_size=256, epochs=4, seed=0, lr=5e-3, precision=precision)
+        with torch.no_grad():
+            x_hat, _, _ = sae.eval()(data.x_nd)  # evaluated in fp32
+        fvus[precision] = fvu(data.x_nd, x_hat)
+    assert fvus["fp32"] < 0.6  # it learned (VL-SAE's distance latents learn slowest here)
+    assert fvus["bf16"] == pytest.approx(fvus["fp32"], rel=0.05, abs=0.01), fvus
+
+
+def test_tf32_and_autocast_hold_inside_the_step_only():
+    sae = build_sae(TOPK)
+    seen = []
+    sae.register_forward_pre_hook(
+        lambda *_: seen.append((torch.get_float32_matmul_precision(), torch.is_autocast_enabled("cpu")))
+    )
+    x = torch.randn(8, 16)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for outside in ("highest", "high"):
+            torch.set_float32_matmul_precision(outside)
+            for precision in ("fp32", "tf32", "bf16"):
+                SAETrainer(sae, total_steps=4, precision=precision).step(x)
+                assert torch.get_float32_matmul_precision() == outside  # put back after the step
+                assert not torch.is_autocast_enabled("cpu")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    inside = [("highest", False), ("high", False), ("highest", True)]
+    assert seen == inside * 2  # from the config, whatever the process had set
+
+
+def test_unknown_precision_is_refused_naming_it():
+    from pydantic import ValidationError
+
+    from vlsae_ray.config import TrainingConfig
+
+    with pytest.raises(ValueError, match="precision='fp16' is not one of fp32, tf32, bf16"):
+        SAETrainer(build_sae(TOPK), total_steps=1, precision="fp16")
+    with pytest.raises(ValidationError, match="precision"):
+        TrainingConfig(precision="fp16")

@@ -55,7 +55,8 @@ def reference(x, spec):
     torch.manual_seed(0)
     sae = build_sae(spec["sae"])
     trainer = SAETrainer(
-        sae, total_steps=spec["steps"], lr=spec["lr"], sample=x[:256], dead_tokens_threshold=spec["dead"]
+        sae, total_steps=spec["steps"], lr=spec["lr"], sample=x[:256], dead_tokens_threshold=spec["dead"],
+        precision=spec["precision"],
     )
     metrics = [trainer.step(x[s * spec["batch"] : (s + 1) * spec["batch"]]) for s in range(spec["steps"])]
     with torch.no_grad():
@@ -68,27 +69,42 @@ DEAD = 64
 
 
 @pytest.mark.parametrize(
-    ("architecture", "world", "latent_shards", "zero_stage"),
+    ("architecture", "world", "latent_shards", "zero_stage", "precision"),
     [
-        ("topk", 2, 2, None),  # 2 latent shards: AuxK across shards
-        ("batchtopk", 2, 2, None),
-        ("topk", 4, 4, None),
-        ("topk", 4, 2, None),  # 2 data-parallel x 2 latent shards, DDP
-        ("batchtopk", 2, 1, None),  # 2 data-parallel, DDP: one selection and threshold for the global batch
-        ("batchtopk", 4, 2, None),  # 2 data-parallel x 2 latent shards
-        ("matryoshka_batchtopk", 2, 1, None),
-        ("topk", 2, 1, 1),  # DeepSpeed ZeRO-1 over 2 workers
-        ("batchtopk", 2, 1, 2),  # ZeRO-2
+        ("topk", 2, 2, None, "fp32"),  # 2 latent shards: AuxK across shards
+        ("batchtopk", 2, 2, None, "fp32"),
+        ("topk", 4, 4, None, "fp32"),
+        ("topk", 4, 2, None, "fp32"),  # 2 data-parallel x 2 latent shards, DDP
+        # 2 data-parallel, DDP: one selection and threshold for the global batch
+        ("batchtopk", 2, 1, None, "fp32"),
+        ("batchtopk", 4, 2, None, "fp32"),  # 2 data-parallel x 2 latent shards
+        ("matryoshka_batchtopk", 2, 1, None, "fp32"),
+        ("topk", 2, 1, 1, "fp32"),  # DeepSpeed ZeRO-1 over 2 workers
+        ("batchtopk", 2, 1, 2, "fp32"),  # ZeRO-2
+        # bf16 (autocast forward): bf16 candidates gathered across shards, fp32 all-reduce of the decodes
+        ("topk", 2, 2, None, "bf16"),
+        ("batchtopk", 2, 2, None, "bf16"),
+        ("topk", 2, 1, 2, "bf16"),  # ZeRO-2 keeps fp32 weights, bf16 is the forward's autocast
     ],
 )
-def test_distributed_training_matches_one_process(tmp_path, architecture, world, latent_shards, zero_stage):
+def test_distributed_training_matches_one_process(
+    tmp_path, architecture, world, latent_shards, zero_stage, precision
+):
     x = 2.0 * torch.randn(STEPS * BATCH, SAE["d_in"], generator=torch.Generator().manual_seed(1)) + 1.0
     sae = {"architecture": architecture, **SAE}
     if architecture == "matryoshka_batchtopk":
         sae["group_fractions"] = [0.25, 0.75]
-    spec = {"sae": sae, "steps": STEPS, "batch": BATCH, "dead": DEAD, "lr": LR, "zero_stage": zero_stage}
+    spec = {
+        "sae": sae, "steps": STEPS, "batch": BATCH, "dead": DEAD, "lr": LR, "zero_stage": zero_stage,
+        "precision": precision,
+    }
     expected_metrics, expected_state, expected_z = reference(x, spec)
     results = run_ranks(tmp_path, world, latent_shards, spec, x)
+    # Shards compute the same bf16 pre-activations as one process, but bf16 values tie often (8-bit
+    # mantissa) and shards break ties at the top-k cutoff differently: there the runs agree to bf16's
+    # resolution, not to fp32 rounding (measured: losses within 0.6%, weights within 0.02).
+    ties = precision == "bf16" and latent_shards > 1
+    rel, atol = (2e-2, 5e-2) if ties else (1e-4, 1e-5)
     parts = results[::latent_shards]  # one rank per data-parallel part
     assert any(m.get("auxk", 0) > 0 for m in expected_metrics)  # dead latents were trained
     for step, expected in enumerate(expected_metrics):
@@ -96,10 +112,11 @@ def test_distributed_training_matches_one_process(tmp_path, architecture, world,
         # `normalized_mse`): their mean is the full batch's
         for term in ("loss", "auxk"):
             value = sum(r["metrics"][step].get(term, 0.0) for r in parts) / len(parts)
-            assert value == pytest.approx(expected.get(term, 0.0), rel=1e-4)
-        for result in results:
+            assert value == pytest.approx(expected.get(term, 0.0), rel=rel)
+        for result in results if not ties else ():
             assert result["metrics"][step]["dead_fraction"] == pytest.approx(expected["dead_fraction"])
     for result in results:  # every rank: the same weights, buffers (BatchTopK's threshold) and latents
         for name, tensor in expected_state.items():
-            torch.testing.assert_close(result["state"][name], tensor, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(result["z"], expected_z, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(result["state"][name], tensor, rtol=rel, atol=atol)
+        if not ties:  # a tie broken the other way is another latent: z differs there by whole values
+            torch.testing.assert_close(result["z"], expected_z, rtol=1e-4, atol=1e-5)

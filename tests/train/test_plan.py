@@ -14,6 +14,7 @@ Run as a script, this file is one rank of a 2-shard run (`sharded_peak`).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import subprocess
@@ -58,6 +59,9 @@ def step_peak(setup) -> tuple[int, int]:
 
     `setup()` builds everything and returns the step to measure; both run inside the profiler.
     """
+    # A previous test's trainer is a reference cycle (its schedule calls its method): free it now,
+    # or the collector frees it during this profile and the running total drops by its bytes.
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step = setup()
         with record_function("measured_step"):
@@ -77,11 +81,11 @@ def step_peak(setup) -> tuple[int, int]:
     return held - start, max(during) - held
 
 
-def one_process_setup(d, n_latents, k, batch):
+def one_process_setup(d, n_latents, k, batch, precision="fp32"):
     def setup():
         torch.manual_seed(0)
         sae = build_sae({"architecture": "topk", "d_in": d, "n_latents": n_latents, "k": k})
-        trainer = SAETrainer(sae, total_steps=10, dead_tokens_threshold=0)
+        trainer = SAETrainer(sae, total_steps=10, dead_tokens_threshold=0, precision=precision)
         trainer.step(torch.randn(batch, d))
         return lambda: trainer.step(torch.randn(batch, d))
 
@@ -103,31 +107,28 @@ def test_states_are_the_bytes_of_the_worker_tensors(latent_shards):
     assert state_bytes(model, trainer.optimizer) == (planned.parameters, planned.gradients, planned.optimizer)
 
 
-def test_16_bit_states_are_the_bytes_of_a_mixed_precision_step():
-    """bf16 weights and gradients, Adam on a fp32 master copy: the usual mixed-precision step, run once."""
+def test_bf16_states_are_the_bytes_of_the_trainers_bf16_step():
+    """The trainer's bf16 keeps fp32 weights, gradients and Adam state: the plan counts them so."""
     d, n_latents, k, batch = 32, 1024, 8, 64
     torch.manual_seed(0)
-    master = build_sae({"architecture": "topk", "d_in": d, "n_latents": n_latents, "k": k})
-    working = build_sae(master.config).to(torch.bfloat16)
-    working.load_state_dict(master.state_dict())
-    optimizer = torch.optim.Adam(master.parameters(), lr=1e-3)
-    _, _, aux = working(torch.randn(batch, d, dtype=torch.bfloat16), sparse_latents=True)
-    sum(aux.values()).backward()
-    for p_master, p_working in zip(master.parameters(), working.parameters(), strict=True):
-        p_master.grad = p_working.grad.float()
-    optimizer.step()
-    for p_master in master.parameters():
-        p_master.grad = None  # only the working copy keeps gradients between steps
-    params, grads, moments = state_bytes(working, optimizer)
-    master_params = nbytes(master.parameters())
+    sae = build_sae({"architecture": "topk", "d_in": d, "n_latents": n_latents, "k": k})
+    trainer = SAETrainer(sae, total_steps=10, precision="bf16")
+    trainer.step(torch.randn(batch, d))
     planned = plan(d, n_latents, k, batch, "bf16", 1, 80).layout(1, 1, 0)
-    assert (params, grads, master_params + moments) == (
-        planned.parameters,
-        planned.gradients,
-        planned.optimizer,
-    )
+    assert state_bytes(sae, trainer.optimizer) == (planned.parameters, planned.gradients, planned.optimizer)
+    assert planned.states == plan(d, n_latents, k, batch, "fp32", 1, 80).layout(1, 1, 0).states
 
 
+def test_plan_precisions_are_the_trainers():
+    from typing import get_args
+
+    from vlsae_ray.config import Precision
+    from vlsae_ray.train.plan import COMPUTE_BYTES
+
+    assert tuple(COMPUTE_BYTES) == get_args(Precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("d", "n_latents", "k", "batch"),
     [
@@ -135,9 +136,9 @@ def test_16_bit_states_are_the_bytes_of_a_mixed_precision_step():
         (256, 2048, 8, 16),  # the [F, d] update temporaries dominate
     ],
 )
-def test_step_peak_matches_the_plan(d, n_latents, k, batch):
-    held, peak = step_peak(one_process_setup(d, n_latents, k, batch))
-    planned = plan(d, n_latents, k, batch, "fp32", 1, 80).layout(1, 1, 0)
+def test_step_peak_matches_the_plan(d, n_latents, k, batch, precision):
+    held, peak = step_peak(one_process_setup(d, n_latents, k, batch, precision))
+    planned = plan(d, n_latents, k, batch, precision, 1, 80).layout(1, 1, 0)
     # held: the states and the [F] int64 dead-latent counters (and a few scalars)
     assert 0 <= held - planned.states - 8 * n_latents < 1024
     estimate = max(planned.activations.total, planned.temporaries)
@@ -215,12 +216,12 @@ def test_too_wide_for_one_gpu_is_sharded():
 
 
 def test_zero_makes_a_layout_fit_by_partitioning_optimizer_state():
-    p = plan(1024, 2**22, 64, 4096, "bf16", 8, 80)
+    p = plan(1024, 2**21, 64, 4096, "bf16", 8, 80)
     zero0, zero1 = p.layout(8, 1, 0), p.layout(8, 1, 1)
     assert not zero0.fits and zero1.fits
-    # bf16: fp32 moments and master copy, 12 bytes per parameter, partitioned over 8 with ZeRO 1
-    n = 2 * 2**22 * 1024 + 2**22 + 1024
-    assert zero0.optimizer == 12 * n + 16 and zero1.optimizer == 12 * math.ceil(n / 8) + 4
+    # fp32 moments (8 bytes per parameter); ZeRO 1 partitions them over 8 with its fp32 master copy
+    n = 2 * 2**21 * 1024 + 2**21 + 1024
+    assert zero0.optimizer == 8 * n + 16 and zero1.optimizer == 12 * math.ceil(n / 8) + 4
     with pytest.raises(KeyError):  # the trainer runs ZeRO without latent shards only
         p.layout(4, 2, 1)
     assert zero1.comm == zero0.comm  # reduce-scatter + all-gather: the all-reduce's volume
@@ -249,10 +250,11 @@ def test_flops_and_communication_of_a_known_case():
     assert p.flops.total == 2 * batch * d * (n_latents + k + 512) + 8 * batch * (k + 512) * d
     c = p.layout(2, 32, 0)
     # per worker: 2048 samples; 31 x (2048 x (64 + 512) candidates x 10 bytes) sent in the all-gathers,
-    # 3 ring all-reduces of a bf16 [2048, 1024] over 32, one of 2^19 x 2049 + 1024 gradients over 2
+    # (bf16 values), 3 ring all-reduces of a fp32 [2048, 1024] over 32, one of 2^19 x 2049 + 1024 fp32
+    # gradients over 2
     assert c.comm.candidates == 31 * 2048 * 576 * 10
-    assert c.comm.reconstruction == 3 * (2 * 31 * 2048 * 1024 * 2 // 32)
-    assert c.comm.gradients == (2**19 * 2049 + 1024) * 2
+    assert c.comm.reconstruction == 3 * (2 * 31 * 2048 * 1024 * 4 // 32)
+    assert c.comm.gradients == (2**19 * 2049 + 1024) * 4
     assert c.flops_per_worker == p.flops.total / 64
 
 
@@ -288,32 +290,35 @@ def test_a_file_over_10000_parts_names_the_part_size_to_set():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dtype": "int8"}, "dtype='int8' is not a training dtype"),
+        ({"precision": "fp16"}, "precision='fp16' is not a training precision: use one of fp32, tf32, bf16"),
         ({"k": 5000}, "k=5000 must be at most n_latents=4096"),
         ({"zero_stage": 3}, "zero_stage=3 must be one of (0, 1, 2)"),
         ({"n_gpus": 0}, "n_gpus=0 must be a positive integer"),
     ],
 )
 def test_bad_input_names_the_value(kwargs, message):
-    args = {"d": 64, "n_latents": 4096, "k": 8, "batch_size": 64, "dtype": "fp32", "n_gpus": 1} | kwargs
+    args = {"d": 64, "n_latents": 4096, "k": 8, "batch_size": 64, "precision": "fp32", "n_gpus": 1} | kwargs
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan(**args, gpu_memory_gb=80)
 
 
 def test_cli_prints_the_table_and_the_choice(capsys):
-    argv = "plan --d 1024 --latents 16777216 --k 64 --batch 4096 --dtype bf16 --gpus 64 --gpu-memory-gb 80"
+    argv = (
+        "plan --d 1024 --latents 16777216 --k 64 --batch 4096 --precision bf16 --gpus 64 --gpu-memory-gb 80"
+    )
     assert main(argv.split()) == 0
     out = capsys.readouterr().out
     expected = plan(1024, 2**24, 64, 4096, "bf16", 64, 80)
     assert out.strip() == format_plan(expected)
     assert f"chosen: {expected.chosen.name} with ZeRO {expected.chosen.zero_stage}" in out
+    assert "precision bf16;" in out.splitlines()[0]  # as training.precision spells it
     assert any(line.split()[-3] == "yes" for line in out.splitlines() if " x " in line[:8])
 
 
-def test_cli_bad_dtype_exits_2_naming_it(capsys):
-    argv = "plan --d 64 --latents 512 --k 8 --batch 64 --dtype int8 --gpus 1 --gpu-memory-gb 8"
+def test_cli_bad_precision_exits_2_naming_it(capsys):
+    argv = "plan --d 64 --latents 512 --k 8 --batch 64 --precision fp16 --gpus 1 --gpu-memory-gb 8"
     assert main(argv.split()) == 2
-    assert "dtype='int8' is not a training dtype" in capsys.readouterr().err
+    assert "precision='fp16' is not a training precision" in capsys.readouterr().err
 
 
 if __name__ == "__main__":

@@ -313,3 +313,32 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
     kept = json.loads(storage.read_text(latest))["kept"]
     assert kept == [total - 8, total]  # older checkpoints are deleted, each rank's two files
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*/rank-*"))) == 2 * 2 * 2
+
+
+def test_bf16_training_through_ray_train_is_the_one_process_bf16_step(ray_cluster, tmp_path, assert_same_sae):
+    """`training.precision: bf16` reaches the worker's trainer: its SAE is one process's bf16 run."""
+    root = activations(str(tmp_path / "acts"))
+    config = train_config(root, str(tmp_path / "sae"), num_workers=1, epochs=1, precision="bf16")
+    summary = run_train(config)
+
+    stream = ActivationStream(root, batch_size=64, seed=config.training.seed, window_shards=4)
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker, whose 0.5 CPU gives it one thread
+    for precision in ("bf16", "fp32"):
+        torch.manual_seed(config.training.seed)  # as the worker builds its SAE
+        sae = build_sae(config.sae)
+        trainer = SAETrainer(
+            sae, total_steps=stream.steps_in_epoch(0), lr=1e-3, precision=precision,
+            sample=stream.init_sample(INIT_SAMPLES)[0],
+        )
+        metrics = [trainer.step(x) for x in stream.epoch(0)]
+        saved = build_sae(config.sae)
+        saved.load_state_dict(sae.folded_state_dict())
+        runs[precision] = (metrics[-1], saved)
+    torch.set_num_threads(threads)
+    assert summary.metrics["loss"] == pytest.approx(runs["bf16"][0]["loss"], rel=1e-5)
+    trained = SparseAutoencoder.load(config.output)
+    assert all(t.dtype == torch.float32 for t in trained.state_dict().values() if t.is_floating_point())
+    assert_same_sae(runs["bf16"][1], trained)
+    assert summary.metrics["loss"] != pytest.approx(runs["fp32"][0]["loss"], rel=1e-5)  # not fp32's run

@@ -67,7 +67,7 @@ def test_four_shard_save_holds_no_gathered_copy_loads_whole_and_survives_a_kille
     # its shard; the gather it replaces adds the whole SAE (the measurement sees a copy if there is one).
     results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
     shard_bytes = results[0]["shard_bytes"]
-    planned = save_plan(SAE["d_in"], SAE["n_latents"], 4, WORLD, storage.MIN_PART_SIZE)
+    planned = save_plan(SAE["d_in"], SAE["n_latents"], WORLD, storage.MIN_PART_SIZE)
     assert planned.extra_memory < shard_bytes / 4
     for result in results:
         assert result["save_extra"] <= planned.extra_memory, results

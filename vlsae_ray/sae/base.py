@@ -39,7 +39,9 @@ class Forward(NamedTuple):
     pre_bf: torch.Tensor  # raw units; without gradients when `sparse`
     sparse: bool
     text_b: torch.Tensor | None = None  # VL-SAE: which rows are text
-    exact: bool = True  # False: pre_bf is a bf16 approximation (TopK's `encoder_shortlist`)
+    # False: pre_bf is a bf16 approximation that `select_pre` recomputes (TopK's `encoder_shortlist`);
+    # True: pre_bf holds the forward's pre-activations, in the compute dtype (bf16 under autocast)
+    exact: bool = True
 
 
 # architecture name -> (config class, module class); filled by `register`.
@@ -162,9 +164,10 @@ class SparseAutoencoder(nn.Module, abc.ABC):
     def encoder_pass(self, x_bd: torch.Tensor) -> Forward:
         """The dense encoder GEMM, with gradients only on the dense reference path.
 
-        The one place that picks the encoder's precision: fp32 (exact), or, with a TopK SAE's
-        `encoder_shortlist` on the sparse kernels, a bf16 GEMM whose values only shortlist
-        candidates (`select_pre` recomputes those exactly).
+        The one place that picks the encoder's precision: fp32, bf16 under torch.autocast (the
+        trainer's `precision: bf16`; selection then reads the bf16 pre-activations and the latents
+        take their values in fp32), or, with a TopK SAE's `encoder_shortlist` on the sparse kernels,
+        a bf16 GEMM whose values only shortlist candidates (`select_pre` recomputes those in fp32).
         """
         sparse = kernels.use_sparse(self.max_active(x_bd.shape[0]), x_bd.shape[0], self.config.n_latents)
         centred_bd = x_bd - self.input_scale * self.b_dec_d
@@ -192,7 +195,7 @@ class SparseAutoencoder(nn.Module, abc.ABC):
     def gathered_pre_acts(self, fwd: Forward, pre: SparseLatents) -> torch.Tensor:
         """Pre-activations at `pre`'s entries with gradients to W_enc, b_enc and b_dec."""
         if not fwd.sparse:
-            return fwd.pre_bf[pre.rows_n, pre.indices_n]
+            return fwd.pre_bf[pre.rows_n, pre.indices_n].float()
         s_b_enc_n = self.input_scale * self.b_enc_f[pre.indices_n]
         if not fwd.exact:  # select_pre left the exact pre-activations (with s * b_enc) in pre.values_n
             dots_n = pre.values_n.detach() - s_b_enc_n.detach()

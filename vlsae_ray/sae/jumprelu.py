@@ -83,7 +83,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def loss_terms(self, x_bd, x_hat_bd, z, fwd, dead_mask_f):
         # z holds the entries inside the window below θ too (as zeros): they count for θ's gradient.
-        pre_n = fwd.pre_bf.detach()[z.rows_n, z.indices_n]
+        pre_n = fwd.pre_bf.detach()[z.rows_n, z.indices_n].float()  # the count in fp32 under bf16
         threshold_n = self.log_threshold_f.exp()[z.indices_n]
         l0 = _Step.apply(pre_n / self.input_scale, threshold_n, self.config.bandwidth).sum()
         return {"mse": self.mse(x_bd, x_hat_bd), "l0": self.config.l0_coefficient * l0 / z.batch_size}

@@ -12,6 +12,14 @@ sparse encoder backward; Gao et al. 2024, sec. 5). Both run as `embedding_bag` c
 per-sample sums are bags over samples, and the transposed sums are bags over latents after one sort.
 
 `use_sparse` is the single place that picks the sparse kernels or the plain dense reference.
+
+Precision follows torch.autocast, which the trainer opens around the forward for `precision: bf16`
+(`vlsae_ray.train.step`): autocast runs the dense products (the encoder GEMM, the dense decode) in
+bf16, and `compute_dtype` gives the sparse decode the same dtype, as autocast would a matmul. Each
+product accumulates in fp32 (oneDNN, cuBLAS and `embedding_bag` do) and its result comes back in the
+weights' dtype (fp32), so what follows (activations, losses, the all-reduce of partial decodes) is
+fp32. The sparse kernels' backward runs in fp32 on the fp32 weights they saved. Without autocast
+every product is fp32, unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +44,12 @@ def dense_reference():
         yield
     finally:
         _dense_reference = previous
+
+
+def compute_dtype(weights: torch.Tensor) -> torch.dtype:
+    """The dtype a product with `weights` runs in: autocast's where it is on, else the weights' own."""
+    device = weights.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weights.dtype
 
 
 def use_sparse(max_active: int | None, batch: int, n_latents: int) -> bool:
@@ -165,7 +179,8 @@ class _Decode(torch.autograd.Function):
     def forward(ctx, values_n, W_fd, latents):
         ctx.save_for_backward(values_n, W_fd)
         ctx.latents = latents
-        return _rows_times(latents, values_n, W_fd)
+        dtype = compute_dtype(W_fd)
+        return _rows_times(latents, values_n.to(dtype), W_fd.to(dtype)).to(W_fd.dtype)
 
     @staticmethod
     def backward(ctx, grad_bd):
@@ -181,7 +196,7 @@ class _GatheredDot(torch.autograd.Function):
     def forward(ctx, a_bd, W_fd, latents, dots_n):
         ctx.save_for_backward(a_bd, W_fd)
         ctx.latents = latents
-        return dots_n.clone()
+        return dots_n.to(a_bd.dtype, copy=True)  # values of a bf16 GEMM continue in fp32
 
     @staticmethod
     def backward(ctx, grad_n):
@@ -193,10 +208,10 @@ class _GatheredDot(torch.autograd.Function):
 
 
 def decode(latents: SparseLatents, W_fd: torch.Tensor, sparse: bool) -> torch.Tensor:
-    """S @ W [B, d] for the latents' values, through the sparse kernel or the dense product."""
+    """S @ W [B, d] for the latents' values, through the sparse kernel or the dense product, in W's dtype."""
     if sparse:
         return _Decode.apply(latents.values_n, W_fd, latents)
-    return latents.to_dense() @ W_fd
+    return (latents.to_dense() @ W_fd).to(W_fd.dtype)
 
 
 def gathered_dot(
@@ -218,4 +233,4 @@ def gathered_dot(
         if dots_n is None:
             dots_n = dots_bf[latents.rows_n, latents.indices_n]
         return _GatheredDot.apply(a_bd, W_fd, latents, dots_n)
-    return dots_bf[latents.rows_n, latents.indices_n]
+    return dots_bf[latents.rows_n, latents.indices_n].to(a_bd.dtype)

@@ -42,7 +42,8 @@ def fit_local(
     and `parts` data-parallel workers: every part's `ActivationStream` batch of a step together,
     as one batch, so one process reproduces a distributed run. The stream reads through Ray Data.
 
-    `options` go to `SAETrainer` (lr, warmup_steps, decay_fraction, grad_clip, dead_tokens_threshold).
+    `options` go to `SAETrainer` (lr, warmup_steps, decay_fraction, grad_clip, dead_tokens_threshold,
+    precision: "fp32", "tf32" or "bf16").
     Returns the final step's metrics (`loss`, `fvu`, `l0`, `dead_fraction`, `lr` and the loss
     terms) plus `steps` and `samples`, the number of optimisation steps and of samples seen (of
     items for a dataset URI, as `vlsae train` counts them).

@@ -4,44 +4,50 @@ Pure arithmetic, no torch: it answers "which layout, and does it fit?" before a 
 
 Setup. `n_gpus` workers form `data_parallel` (P) groups of `latent_shards` (W) workers, P·W = n_gpus.
 Each worker of a latent-shard group holds F_w = F/W encoder rows and decoder columns and sees the
-same B_w = B/P samples as the rest of its group; the groups split the global batch B. With a the
-bytes of the training dtype and 8 bytes per int64 index, one worker holds (Shapes as in
-`vlsae_ray.sae.base`; n = 2·F_w·d + F_w + d parameters: W_enc [F_w, d], W_dec [F_w, d], b_enc [F_w],
-b_dec [d], b_dec replicated across the shards):
+same B_w = B/P samples as the rest of its group; the groups split the global batch B.
 
-    parameters   n·a
-    gradients    n·a, or ceil(n/P)·a with ZeRO 2 (each data-parallel rank keeps its partition);
+Precision is the trainer's `training.precision` (`vlsae_ray.train.step`): weights, gradients and
+Adam's state are fp32 in every mode, and c, the bytes of the forward's compute dtype, is 4 for fp32
+and tf32 and 2 for bf16 (autocast: the encoder GEMM, its pre-activations, the top-k candidates and
+the decode's products; their results continue in fp32, 4 bytes). With 8 bytes per int64 index,
+one worker holds (Shapes as in `vlsae_ray.sae.base`; n = 2·F_w·d + F_w + d parameters: W_enc
+[F_w, d], W_dec [F_w, d], b_enc [F_w], b_dec [d], b_dec replicated across the shards):
+
+    parameters   n·4
+    gradients    n·4, or ceil(n/P)·4 with ZeRO 2 (each data-parallel rank keeps its partition);
                  under plain DDP the gradients are views of its all-reduce buckets
                  (`gradient_as_bucket_view=True`), so no second copy
-    optimizer    Adam's two fp32 moments, 8 bytes per element, plus a fp32 master copy, 4 bytes,
-                 when a < 4 or with ZeRO (DeepSpeed's ZeRO optimizer always steps a fp32 partition,
+    optimizer    Adam's two fp32 moments, 8 bytes per element, plus, with ZeRO, a fp32 master copy,
+                 4 bytes (DeepSpeed's ZeRO optimizer always steps a fp32 partition,
                  deepspeed/runtime/zero/stage_1_and_2.py), over m = n elements, or m = ceil(n/P)
                  with ZeRO 1 or 2 (Rajbhandari et al. 2020, "ZeRO", sec. 5); plus one fp32 step
                  counter per optimised tensor (4 tensors, or 1 flat partition with ZeRO)
 
 and, in one step, the forward's buffers (peak at the AuxK selection, when all are alive):
 
-    inputs           x and x - b_dec:                          2·B_w·d·a
-    pre-activations  W_enc (x - b_dec) + b_enc, [B_w, F_w]:     B_w·F_w·a
+    inputs           x and x - b_dec, and in bf16 the GEMM's cast of the latter: 2·B_w·d·4 (+ B_w·d·c)
+    casts            in bf16, autocast's copy of W_enc and b_enc for the GEMM, held through the
+                     forward:                                   (F_w·d + F_w)·c
+    pre-activations  W_enc (x - b_dec) + b_enc, [B_w, F_w]:     B_w·F_w·c
     candidates       local top-k (values + indices); with W > 1 also the group's candidates, stacked
                      [W, B_w, k] and laid out per sample [B_w, W·k], and the global top-k
-                     (`LatentShardedSAE._global_topk`):         (1 + 2W + 1)·B_w·k·(a + 8)
+                     (`LatentShardedSAE._global_topk`):         (1 + 2W + 1)·B_w·k·(c + 8)
     codes            this worker's active entries, at most B_w·k (all winners may sit in one shard):
-                     index, sample and CSR order (3 × 8 bytes) and the value's 6 differentiable copies
-                     of the gathered pre-activation path (`SparseAutoencoder.gathered_pre_acts`), and
-                     the offsets by latent that the backward's sums use, (F_w + 1)·8
-    reconstruction   partial decode, x_hat, x - x_hat, its square: 4·B_w·d·a
+                     index, sample and CSR order (3 × 8 bytes) and the value's 6 differentiable fp32
+                     copies of the gathered pre-activation path (`SparseAutoencoder.gathered_pre_acts`),
+                     and the offsets by latent that the backward's sums use, (F_w + 1)·8
+    reconstruction   partial decode, x_hat, x - x_hat, its square: 4·B_w·d·4
     AuxK             (Gao et al. 2024, sec. A.2) the larger of: the dead columns of the
                      pre-activations, copied for their top-k (all F_w in the worst case), with its
-                     candidates as above with aux_k for k; and, once that copy is freed, its codes and
-                     its reconstruction, residual and normalised-MSE buffers, 6·B_w·d·a
+                     candidates as above with aux_k for k; and, once that copy is freed, its codes,
+                     its reconstruction, residual and normalised-MSE buffers, 6·B_w·d·4, and in bf16
+                     the decode's transient cast of W_dec, F_w·d·c
 
 then, once the forward's buffers are freed, the update's temporaries: projecting the decoder
 gradient off each column (`remove_parallel_grads_`), two [F_w, d] buffers of the held gradient,
-2·F_w·d·a (the gradient norm for clipping allocates no copy); plus what the step keeps for its
-metrics (x, x_hat and the codes), and with ZeRO a gradient-reduction bucket of
-min(`zero_bucket_elements`, n) elements (fp32 with ZeRO 1, the training dtype with ZeRO 2;
-DeepSpeed's default size is 5e8). The peak is
+2·F_w·d·4 (the gradient norm for clipping allocates no copy); plus what the step keeps for its
+metrics (x, x_hat and the codes), and with ZeRO a fp32 gradient-reduction bucket of
+min(`zero_bucket_elements`, n) elements (DeepSpeed's default size is 5e8). The peak is
 
     peak = parameters + gradients + optimizer + max(forward buffers, update temporaries)
 
@@ -62,11 +68,12 @@ Each worker does 1/n_gpus of it. Communication per step per worker, counted as t
 worker sends with ring algorithms (an all-gather of c bytes per worker over G workers sends
 (G-1)·c; an all-reduce of N bytes sends 2·(G-1)/G·N):
 
-    candidates      all-gather over the shard group of the B_w·k (and B_w·aux_k) local candidates
-    reconstruction  all-reduce over the shard group of the [B_w, d] partial decodes (main and AuxK)
-                    and, in the backward, of the centred input's gradient (Megatron-LM's f and g,
-                    `vlsae_ray.train.parallel`)
-    gradients       all-reduce of the n gradient elements over the P data-parallel ranks; ZeRO 1/2's
+    candidates      all-gather over the shard group of the B_w·k (and B_w·aux_k) local candidates,
+                    values in the compute dtype (c + 8 bytes each)
+    reconstruction  all-reduce over the shard group of the fp32 [B_w, d] partial decodes (main and
+                    AuxK) and, in the backward, of the centred input's gradient (Megatron-LM's f and
+                    g, `vlsae_ray.train.parallel`)
+    gradients       all-reduce of the n fp32 gradient elements over the P data-parallel ranks; ZeRO 1/2's
                     reduce-scatter + all-gather of updated parameters sends the same volume (ZeRO, sec. 7)
 
 The dead-latent statistics (one flag per latent, all-reduced over P) and the scalar all-reduces
@@ -97,8 +104,9 @@ from vlsae_ray import storage
 GiB = 2**30
 S3_PUT_LIMIT = 5 * GiB  # the largest object one S3 PUT takes
 INDEX_BYTES = 8  # torch.topk and the sparse codes use int64 indices
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+FP32_BYTES = 4  # weights, gradients, Adam's state and every result after the compute-dtype products
+# `training.precision` (`vlsae_ray.config.Precision`) -> bytes of the forward's compute dtype
+COMPUTE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2}
 ZERO_STAGES = (0, 1, 2)
 # DeepSpeed's default `reduce_bucket_size` (deepspeed/runtime/zero/config.py).
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
@@ -111,6 +119,7 @@ class ActivationMemory(NamedTuple):
     """Bytes of one worker's forward buffers, by part."""
 
     inputs: int
+    casts: int
     pre_activations: int
     candidates: int
     codes: int
@@ -164,9 +173,9 @@ class SavePlan(NamedTuple):
         return self.whole_bytes > S3_PUT_LIMIT
 
 
-def save_plan(d: int, n_latents: int, a: int, latent_shards: int, part_size: int) -> SavePlan:
-    """The save of an SAE of F latents with parameters of `a` bytes split over `latent_shards` ranks."""
-    shard_bytes = (2 * (n_latents // latent_shards) * d + n_latents // latent_shards + d) * a
+def save_plan(d: int, n_latents: int, latent_shards: int, part_size: int) -> SavePlan:
+    """The save of an SAE of F latents split over `latent_shards` ranks (fp32 in every precision)."""
+    shard_bytes = (2 * (n_latents // latent_shards) * d + n_latents // latent_shards + d) * FP32_BYTES
     return SavePlan(
         files=latent_shards,
         objects=latent_shards + (2 if latent_shards > 1 else 1),
@@ -174,7 +183,7 @@ def save_plan(d: int, n_latents: int, a: int, latent_shards: int, part_size: int
         parts_per_file=max(1, math.ceil(shard_bytes / part_size)),
         part_size=part_size,
         extra_memory=3 * part_size,
-        whole_bytes=(2 * n_latents * d + n_latents + d) * a,
+        whole_bytes=(2 * n_latents * d + n_latents + d) * FP32_BYTES,
     )
 
 
@@ -216,7 +225,7 @@ class Plan(NamedTuple):
     k: int
     aux_k: int
     batch_size: int
-    dtype: str
+    precision: str
     n_gpus: int
     gpu_memory_gb: float
     usable_bytes: int
@@ -239,14 +248,14 @@ class Plan(NamedTuple):
         raise KeyError(f"no candidate layout {data_parallel} x {latent_shards} with ZeRO {zero_stage}")
 
 
-def dtype_bytes(dtype: str) -> tuple[str, int]:
-    """(canonical name, bytes per element) of a training dtype such as 'bf16' or 'float32'."""
-    name = DTYPE_ALIASES.get(dtype, dtype)
-    if name not in DTYPE_BYTES:
+def compute_bytes(precision: str) -> int:
+    """Bytes of the forward's compute dtype under `training.precision` = `precision`."""
+    if precision not in COMPUTE_BYTES:
         raise ValueError(
-            f"dtype={dtype!r} is not a training dtype: use one of {', '.join([*DTYPE_ALIASES, *DTYPE_BYTES])}"
+            f"precision={precision!r} is not a training precision: use one of {', '.join(COMPUTE_BYTES)}"
+            " (training.precision)"
         )
-    return name, DTYPE_BYTES[name]
+    return COMPUTE_BYTES[precision]
 
 
 def step_flops(d: int, n_latents: int, k: int, aux_k: int, batch_size: int) -> StepFlops:
@@ -259,14 +268,14 @@ def step_flops(d: int, n_latents: int, k: int, aux_k: int, batch_size: int) -> S
     )
 
 
-def _selection_bytes(batch: int, k: int, shard_latents: int, latent_shards: int, a: int) -> tuple[int, int]:
+def _selection_bytes(batch: int, k: int, shard_latents: int, latent_shards: int, c: int) -> tuple[int, int]:
     """(candidates, codes) bytes of one exact top-k across the shard group (module docstring)."""
     local_k = min(k, shard_latents)
-    entry = a + INDEX_BYTES
+    entry = c + INDEX_BYTES
     candidates = batch * local_k * entry
     if latent_shards > 1:
         candidates += 2 * latent_shards * batch * local_k * entry + batch * k * entry
-    codes = batch * k * (3 * INDEX_BYTES + CODE_VALUE_COPIES * a) + (shard_latents + 1) * INDEX_BYTES
+    codes = batch * k * (3 * INDEX_BYTES + CODE_VALUE_COPIES * FP32_BYTES) + (shard_latents + 1) * INDEX_BYTES
     return candidates, codes
 
 
@@ -281,7 +290,7 @@ def worker_plan(
     k: int,
     aux_k: int,
     batch_size: int,
-    a: int,
+    c: int,
     data_parallel: int,
     latent_shards: int,
     zero_stage: int,
@@ -295,43 +304,46 @@ def worker_plan(
     n = 2 * F_w * d + F_w + d
     partition = math.ceil(n / P) if zero_stage >= 1 else n
     held_gradients = math.ceil(n / P) if zero_stage == 2 else n
-    master = 4 if (a < 4 or zero_stage >= 1) else 0
+    master = FP32_BYTES if zero_stage >= 1 else 0
     step_counters = 4 * (1 if zero_stage >= 1 else 4)
+    cast = c if c < FP32_BYTES else 0  # bytes of a bf16 copy (none in fp32)
 
-    candidates, codes = _selection_bytes(B_w, k, F_w, W, a)
-    aux_candidates, aux_codes = _selection_bytes(B_w, aux_k, F_w, W, a) if aux_k else (0, 0)
+    candidates, codes = _selection_bytes(B_w, k, F_w, W, c)
+    aux_candidates, aux_codes = _selection_bytes(B_w, aux_k, F_w, W, c) if aux_k else (0, 0)
+    aux_decode = aux_codes + 6 * B_w * d * FP32_BYTES + F_w * d * cast
     activations = ActivationMemory(
-        inputs=2 * B_w * d * a,
-        pre_activations=B_w * F_w * a,
+        inputs=2 * B_w * d * FP32_BYTES + B_w * d * cast,
+        casts=(F_w * d + F_w) * cast,
+        pre_activations=B_w * F_w * c,
         candidates=candidates,
         codes=codes,
-        reconstruction=4 * B_w * d * a,
+        reconstruction=4 * B_w * d * FP32_BYTES,
         # the dead-column copy is freed before the AuxK codes and reconstruction are made
-        auxk=max(B_w * F_w * a + aux_candidates, aux_codes + 6 * B_w * d * a) if aux_k else 0,
+        auxk=max(B_w * F_w * c + aux_candidates, aux_decode) if aux_k else 0,
     )
     held_decoder_gradient = F_w * d if zero_stage < 2 else math.ceil(F_w * d / P)
-    bucket = min(zero_bucket_elements, n) * (4 if zero_stage == 1 else a) if zero_stage >= 1 else 0
-    kept = 2 * B_w * d * a + codes  # x, x_hat and the codes, which the step keeps for its metrics
-    temporaries = 2 * a * held_decoder_gradient + kept + bucket
+    bucket = min(zero_bucket_elements, n) * FP32_BYTES if zero_stage >= 1 else 0
+    kept = 2 * B_w * d * FP32_BYTES + codes  # x, x_hat and the codes, which the step keeps for its metrics
+    temporaries = 2 * FP32_BYTES * held_decoder_gradient + kept + bucket
 
     n_selections = 2 if aux_k else 1
     comm = CommVolume(
-        candidates=(W - 1) * B_w * (min(k, F_w) + min(aux_k, F_w)) * (a + INDEX_BYTES),
-        reconstruction=(n_selections + 1) * _allreduce_bytes(B_w * d * a, W),
-        gradients=_allreduce_bytes(n * a, P),
+        candidates=(W - 1) * B_w * (min(k, F_w) + min(aux_k, F_w)) * (c + INDEX_BYTES),
+        reconstruction=(n_selections + 1) * _allreduce_bytes(B_w * d * FP32_BYTES, W),
+        gradients=_allreduce_bytes(n * FP32_BYTES, P),
     )
     layout = LayoutPlan(
         data_parallel=P,
         latent_shards=W,
         zero_stage=zero_stage,
-        parameters=n * a,
-        gradients=held_gradients * a,
+        parameters=n * FP32_BYTES,
+        gradients=held_gradients * FP32_BYTES,
         optimizer=partition * (8 + master) + step_counters,
         activations=activations,
         temporaries=temporaries,
         comm=comm,
         flops_per_worker=step_flops(d, n_latents, k, aux_k, batch_size).total / (P * W),
-        save=save_plan(d, n_latents, a, W, part_size),
+        save=save_plan(d, n_latents, W, part_size),
         fits=False,
     )
     return layout._replace(fits=layout.peak <= usable_bytes)
@@ -342,7 +354,7 @@ def plan(
     n_latents: int,
     k: int,
     batch_size: int,
-    dtype: str,
+    precision: str,
     n_gpus: int,
     gpu_memory_gb: float,
     *,
@@ -378,7 +390,7 @@ def plan(
         raise ValueError(f"zero_stage={zero_stage!r} must be one of {ZERO_STAGES} (or None to try all)")
     if not 0 < usable_fraction <= 1:
         raise ValueError(f"usable_fraction={usable_fraction} must be in (0, 1]")
-    dtype, a = dtype_bytes(dtype)
+    c = compute_bytes(precision)
     usable_bytes = int(usable_fraction * gpu_memory_gb * GiB)
     part_size = storage.part_size() if part_size is None else part_size
 
@@ -404,7 +416,7 @@ def plan(
                     k,
                     aux_k,
                     batch_size,
-                    a,
+                    c,
                     P,
                     W,
                     stage,
@@ -421,7 +433,7 @@ def plan(
         k=k,
         aux_k=aux_k,
         batch_size=batch_size,
-        dtype=dtype,
+        precision=precision,
         n_gpus=n_gpus,
         gpu_memory_gb=gpu_memory_gb,
         usable_bytes=usable_bytes,
@@ -461,7 +473,7 @@ def _reason(
     return (
         f"no layout fits in {budget}: the leanest, {leanest.name} with ZeRO {leanest.zero_stage},"
         f" needs {leanest.peak / GiB:.1f} GiB, its largest part {largest} ({parts[largest] / GiB:.1f} GiB);"
-        " use more GPUs, a smaller batch, a 16-bit dtype or ZeRO 2"
+        " use more GPUs, a smaller batch, precision bf16 or ZeRO 2"
     )
 
 
@@ -480,7 +492,8 @@ def format_plan(p: Plan) -> str:
     """The plan as a table: one row per layout, memory per worker in GiB, then the choice."""
     f = p.flops
     lines = [
-        f"SAE d={p.d}, F={p.n_latents:,} latents, k={p.k}, aux_k={p.aux_k}, batch {p.batch_size}, {p.dtype};"
+        f"SAE d={p.d}, F={p.n_latents:,} latents, k={p.k}, aux_k={p.aux_k}, batch {p.batch_size},"
+        f" precision {p.precision};"
         f" {p.n_gpus} GPUs x {p.gpu_memory_gb:g} GiB ({p.usable_bytes / GiB:.1f} GiB planned per GPU)",
         f"FLOPs per step: {_si(f.total, 'FLOP')} (encoder {_si(f.encoder, 'FLOP')}, decoder"
         f" {_si(f.decoder, 'FLOP')}, AuxK {_si(f.auxk, 'FLOP')}, backward {_si(f.backward, 'FLOP')});"

@@ -77,6 +77,7 @@ def _build(sae_config, layout: ParallelLayout, training, device, init_sample, to
         sample_modality=init_sample[1],
         layout=layout,
         zero_stage=training.zero_stage,
+        precision=training.precision,
     )
 
 

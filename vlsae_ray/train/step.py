@@ -8,16 +8,26 @@ within each data group, dead-latent statistics count firings over the data group
 selects over the global batch and the AuxK loss is normalised by it (`TopKSAE.global_batch`), and
 the gradient norm (for clipping), L0 and the dead fraction add up the shards, so every rank keeps
 the weights and statistics a single process would.
+
+Precision (`precision`, chosen in `SAETrainer.arithmetic` only): the weights, gradients, Adam's
+state, the loss and the metrics are fp32 in every mode. "bf16" runs the forward under
+torch.autocast(bfloat16): the encoder GEMM, the top-k selection (on the bf16 pre-activations) and
+the decode's products in bf16 with fp32 accumulation, their results back in fp32
+(`vlsae_ray.sae.kernels`); the backward runs outside autocast, the sparse kernels' in fp32. "tf32"
+lets CUDA's fp32 matmuls use TF32 during the step; "fp32" keeps them exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlsae_ray.config import Precision
 from vlsae_ray.eval import metrics as eval_metrics
 from vlsae_ray.sae import SparseAutoencoder, SparseLatents
 from vlsae_ray.sae.init import init_dictionary_from_data
@@ -53,6 +63,7 @@ class SAETrainer:
     min(10M, a tenth of the run's samples) so short runs also find their dead latents.
     `sample` ([N, d] raw activations) triggers the data-dependent init (input scale, b_dec);
     `sample_modality` ([N] bool, True = text) goes with it for a VL-SAE.
+    `precision`: "fp32", "tf32" or "bf16" (module docstring).
     """
 
     def __init__(
@@ -69,7 +80,10 @@ class SAETrainer:
         dead_tokens_threshold: int | None = None,
         layout: ParallelLayout | None = None,
         zero_stage: int | None = None,
+        precision: Precision = "fp32",
     ):
+        if precision not in get_args(Precision):
+            raise ValueError(f"precision={precision!r} is not one of {', '.join(get_args(Precision))}")
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps} must be at least 1")
         if not 0 <= decay_fraction <= 1:
@@ -93,9 +107,8 @@ class SAETrainer:
         self.decay_steps = int(decay_fraction * total_steps)
         self.grad_clip = grad_clip
         self.dead_tokens_threshold = dead_tokens_threshold
+        self.precision = precision
         device = self.sae.b_dec_d.device
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 encoder GEMMs on GPU; CPU stays fp32
         # The fused kernel updates every parameter in one pass (Adam is a large share of a sparse step).
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda")
@@ -135,23 +148,25 @@ class SAETrainer:
         x_bd = x_bd.to(self.sae.b_dec_d.device, torch.float32)
         self.model.train()
         extra = {} if modality_b is None else {"modality_b": modality_b.to(x_bd.device)}
-        x_hat_bd, z, aux = self.model(x_bd, self.dead_mask(), sparse_latents=True, **extra)
-        loss = sum(aux.values())
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.zero_stage is None:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.sae.remove_parallel_grads_()
-            if self.grad_clip is not None:
-                self._clip_grad_norm()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.sae.normalize_decoder_()
-        else:  # the engine averages, clips, steps Adam and the schedule, and zeroes the gradients
-            self.model.backward(loss)
-            self.model.step()
-            self.sae.normalize_decoder_()
-            self.optimizer.refresh_fp32_params()  # ZeRO's fp32 master copy takes the normalised columns
+        with self.arithmetic() as autocast:  # the matmul precision holds for the whole step
+            with autocast:  # the forward only
+                x_hat_bd, z, aux = self.model(x_bd, self.dead_mask(), sparse_latents=True, **extra)
+            loss = sum(aux.values())
+            lr = self.optimizer.param_groups[0]["lr"]
+            if self.zero_stage is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.sae.remove_parallel_grads_()
+                if self.grad_clip is not None:
+                    self._clip_grad_norm()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.sae.normalize_decoder_()
+            else:  # the engine averages, clips, steps Adam and the schedule, and zeroes the gradients
+                self.model.backward(loss)
+                self.model.step()
+                self.sae.normalize_decoder_()
+                self.optimizer.refresh_fp32_params()  # ZeRO's fp32 master copy takes the normalised columns
         self.steps += 1
         with torch.no_grad():
             self._count_firings(z)
@@ -175,6 +190,22 @@ class SAETrainer:
         metrics.update({name: float(term.detach()) for name, term in aux.items()})
         return metrics
 
+    @contextlib.contextmanager
+    def arithmetic(self):
+        """The one place that sets a step's precision: open around the step, yields the forward's context.
+
+        The fp32 matmul precision (TF32 or exact) holds for the whole step and is put back afterwards, so
+        nothing outside the step changes; the yielded context, torch.autocast (on for "bf16"), wraps the
+        forward only (autocast's rule: the backward runs outside it, in the forward's dtypes).
+        """
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if self.precision == "tf32" else "highest")
+        try:
+            device_type = self.sae.b_dec_d.device.type
+            yield torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
     def _init_deepspeed(self, zero_stage: int) -> None:
         """Wrap the SAE in a DeepSpeed engine: ZeRO `zero_stage` over the data-parallel ranks.
 
@@ -182,7 +213,9 @@ class SAETrainer:
         group (Rajbhandari et al. 2020). The decoder gradient loses its component along each column
         in a gradient hook, before ZeRO reduces and partitions it; clipping is DeepSpeed's own (the
         same global norm). Adam stays torch's (`zero_allow_untested_optimizer`), so nothing is compiled
-        for it on CPU.
+        for it on CPU. The engine runs in fp32 (no `bf16` section) whatever `precision` says: bf16 is
+        autocast around the forward, as without DeepSpeed, so the weights it partitions and the
+        gradients it reduces are the fp32 ones and every layout computes the same step.
         """
         import deepspeed
 
