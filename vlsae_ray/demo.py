@@ -157,8 +157,9 @@ def run_demo(root: str | None = None, use_s3: bool = False, n_items: int = 2048)
         t0 = time.perf_counter()
         results["serve"] = _serve_check(configs["serve"])
         timings["serve"] = time.perf_counter() - t0
+        # read while the object store still runs (with --s3 it stops when the stack closes)
+        concepts = _concept_rows(results["evaluate"], results["label"], configs["label"].top_k)
     _print_summary(root, results, timings, time.perf_counter() - started)
-    concepts = _concept_rows(results["evaluate"], results["label"], configs["label"].top_k)
     print("\nThe most monosemantic latents, and the ground-truth concept their top images share:")
     print("\n".join(f"  {row}" for row in concepts))
     return results

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vlsae_ray.interpret.top_examples import TopK, merge_top_k, top_examples
+from vlsae_ray.eval.top_rows import TopK, merge_top_k
+from vlsae_ray.interpret.top_examples import top_examples
 from vlsae_ray.sae import build_sae
 from vlsae_ray.sae.kernels import SparseLatents
 
