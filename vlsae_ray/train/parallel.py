@@ -126,24 +126,25 @@ class ParallelLayout:
 
     def gather_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         """[L, *shape]: every shard's `tensor`, in shard order."""
-        if self.latent_shards == 1:
-            return tensor.unsqueeze(0)
-        parts = [torch.empty_like(tensor) for _ in range(self.latent_shards)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.latent_group)
-        return torch.stack(parts)
+        return _all_gather(tensor, self.latent_shards, self.latent_group)
 
     def gather_data(self, tensor: torch.Tensor) -> torch.Tensor:
         """[P, *shape]: every data group member's `tensor`, in data order."""
-        if self.data_parallel == 1:
-            return tensor.unsqueeze(0)
-        parts = [torch.empty_like(tensor) for _ in range(self.data_parallel)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.data_group)
-        return torch.stack(parts)
+        return _all_gather(tensor, self.data_parallel, self.data_group)
 
     def reduce_over_data_(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.data_parallel > 1:
             dist.all_reduce(tensor, op=op, group=self.data_group)
         return tensor
+
+
+def _all_gather(tensor: torch.Tensor, size: int, group) -> torch.Tensor:
+    """[size, *shape]: `tensor` of every member of `group`, in rank order (no communication for 1)."""
+    if size == 1:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
 
 
 class _CopyToShards(torch.autograd.Function):
