@@ -142,7 +142,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
     if config.zero_shot is not None:
         hook_point = config.zero_shot.hook_point or manifest.hook_point
         token = splice_token(manifest.token)
-        summary.zero_shot = zero_shot_with_sae(config.zero_shot, hook_point, lambda x: sae(x)[0], token)
+        summary.zero_shot = zero_shot_with_sae(config.zero_shot, hook_point, sae, token)
     else:
         summary.notes.append("zero-shot skipped: no `zero_shot` task configured")
 
