@@ -1,7 +1,7 @@
 """The `vlsae` command: one subcommand per job, plus the end-to-end demo.
 
     vlsae demo [--s3] [--root URI]      the whole pipeline on this machine
-    vlsae extract|train|evaluate|label -c CONFIG
+    vlsae extract|train|evaluate|label|steer -c CONFIG
     vlsae serve -c CONFIG               the HTTP API (blocks until interrupted)
     vlsae local-s3 --dir DIR            a SeaweedFS S3 server on loopback (blocks)
     vlsae plan --d D --latents F ...    memory per worker, layout and FLOPs of latent-sharded training
@@ -22,6 +22,7 @@ from vlsae_ray.config import (
     ExtractConfig,
     LabelConfig,
     ServeConfig,
+    SteerConfig,
     TrainConfig,
     load_config,
 )
@@ -52,11 +53,18 @@ def _label(config: LabelConfig):
     return run_label(config)
 
 
+def _steer(config: SteerConfig):
+    from vlsae_ray.steer.job import run_steer
+
+    return run_steer(config)
+
+
 JOBS = {
     "extract": (ExtractConfig, _extract, "extract backbone activations into a shard dataset"),
     "train": (TrainConfig, _train, "train an SAE on an activation dataset with Ray Train"),
     "evaluate": (EvaluateConfig, _evaluate, "FVU, L0, dead latents and Monosemanticity Score of an SAE"),
     "label": (LabelConfig, _label, "top examples and a name for every latent, in the concept catalog"),
+    "steer": (SteerConfig, _steer, "clamp each concept latent inside the model and measure the flips"),
 }
 
 

@@ -413,6 +413,61 @@ class LabelConfig(SAETasksConfig):
         return self.naming
 
 
+class SteerConfig(Strict):
+    """The steer job: clamp each concept latent of the catalog inside the backbone and measure, on
+    the concept world's ground truth, how often the prediction of its attribute flips to its value."""
+
+    sae: str = Field(description="URI of a saved SAE, trained at `hook_point` of the backbone")
+    catalog: str = Field(
+        description="URI of the label job's catalog.parquet for that SAE: a concept latent is one whose top "
+        "images all share one attribute value; its steerability is written back into this catalog"
+    )
+    backbone: BackboneConfig = Field(
+        description="the model steered: an open_clip CLIP (predictions: zero-shot over every attribute) or a "
+        "LLaVA folder (predictions: its answers to the world's questions), e.g. the world CLIP or world LLaVA"
+    )
+    hook_point: str = Field(
+        description="the module whose output is steered, e.g. visual.transformer.resblocks.2 (open_clip) or "
+        "model.vision_tower.encoder.layers.2 (LLaVA's vision_feature_layer=-2 for the world LLaVA)"
+    )
+    tokens: Literal["all", "cls", "patches"] = Field(
+        "all", description="tokens edited: all (Pach et al.), cls, or patches (all but the class token)"
+    )
+    modes: list[Literal["delta", "reconstruction"]] = Field(
+        ["delta", "reconstruction"],
+        min_length=1,
+        description="delta: h + decode(z') - decode(z) (error term kept); reconstruction: decode(z') (Pach et al.)",
+    )
+    strengths: list[float] = Field(
+        [0.5, 1.0, 2.0, 4.0, 8.0],
+        min_length=1,
+        description="clamp values, in multiples of each latent's maximum activation (the catalog's top one)",
+    )
+    swap: bool = Field(
+        False,
+        description="also ablate the other concept latents of the same attribute (e.g. every other colour)",
+    )
+    n_images: int = Field(16, gt=0, description="held-out images per latent, each lacking the latent's value")
+    max_latents: int | None = Field(
+        None, gt=0, description="concept latents measured, spread over concepts; None: all of them"
+    )
+    min_images: int = Field(
+        4, gt=0, description="distinct top images a latent needs to count as a concept latent"
+    )
+    split: Literal["train", "test"] = Field("test", description="world split of the images (test: held out)")
+    seed: int = 0
+    batch_size: int = Field(64, gt=0, description="(latent, image) pairs per model forward")
+    concurrency: int = Field(1, gt=0, description="model actors")
+    gpus_per_actor: GPUs = Field(1.0, description="GPUs each model actor requests when on GPU (backbone.device)")
+    output: str = Field(description="URI of the folder steering.json and the report are written to")
+
+    @model_validator(mode="after")
+    def _check_strengths(self) -> SteerConfig:
+        if any(s <= 0 for s in self.strengths):
+            raise ValueError(f"strengths {self.strengths} must all be positive multiples of a maximum")
+        return self
+
+
 class ServeConfig(Strict):
     sae: str = Field(description="URI of a saved SAE")
     backbone: BackboneConfig

@@ -396,3 +396,9 @@ def check_writable(prefix: str) -> None:
 def local_path(uri: str) -> str | None:
     """The filesystem path of a local URI (None for s3://), for libraries that need a real file."""
     return None if is_s3(uri) else str(_local_path(uri))
+
+
+def absolute(uri: str) -> str:
+    """`uri` with a relative local path made absolute here, for processes that run elsewhere
+    (Ray Train workers run in their own folder); s3:// URIs are returned as they are."""
+    return uri if is_s3(uri) else str(_local_path(uri).absolute())

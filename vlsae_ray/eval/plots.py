@@ -18,7 +18,7 @@ PLOT_SIZE = (6.4, 4.0)  # inches: 640 x 400 pixels
 THUMB = 1.2  # inches per top image
 
 
-def _png(fig) -> bytes:
+def to_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     plt.close(fig)
@@ -46,7 +46,7 @@ def ms_histogram(ms_latents: np.ndarray, ms_neurons: np.ndarray) -> bytes:
     ax.set_title("MS of SAE latents vs raw neurons")
     ax.legend()
     fig.tight_layout()
-    return _png(fig)
+    return to_png(fig)
 
 
 def fvu_vs_l0(points: list[tuple[str, float, float]]) -> bytes:
@@ -60,7 +60,7 @@ def fvu_vs_l0(points: list[tuple[str, float, float]]) -> bytes:
     ax.set_title("FVU vs L0 across checkpoints")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return to_png(fig)
 
 
 def matryoshka_groups(group_ends: list[int], prefix_fvu: list[float]) -> bytes:
@@ -75,7 +75,7 @@ def matryoshka_groups(group_ends: list[int], prefix_fvu: list[float]) -> bytes:
     ax.set_title("Matryoshka: FVU per nested group")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return to_png(fig)
 
 
 def top_image_grid(rows: list[tuple[str, list]], n_images: int) -> bytes:
@@ -89,4 +89,4 @@ def top_image_grid(rows: list[tuple[str, list]], n_images: int) -> bytes:
             ax.imshow(np.asarray(image.convert("RGB")))
     fig.suptitle("Top images of the highest-MS latents")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / grid_size(len(rows), n_images)[1])
-    return _png(fig)
+    return to_png(fig)

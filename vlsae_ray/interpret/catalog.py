@@ -5,7 +5,8 @@ names the exact checkpoint even after the URI is overwritten), `latent`, `name`,
 `similarity` (cosine of the latent's direction and its name), `confidence` (softmax probability
 of the name over the vocabulary), `firing_count` (rows on which the latent is positive),
 `top_source_ids` and `top_activations` (its top-k rows, largest first, positive activations
-only), and for a VL-SAE `top_captions` and `top_caption_activations` (its top-k text rows).
+only), for a VL-SAE `top_captions` and `top_caption_activations` (its top-k text rows), and
+`steerability` (written by the steer job: its best flip rate times hold rate, null until measured).
 Naming columns are null when the run did not name latents or the latent never fired. The file's
 metadata records the label config.
 
@@ -41,6 +42,7 @@ SCHEMA = pa.schema(
         ("top_activations", pa.list_(pa.float32())),
         ("top_captions", pa.list_(pa.string())),
         ("top_caption_activations", pa.list_(pa.float32())),
+        ("steerability", pa.float32()),
     ]
 )
 

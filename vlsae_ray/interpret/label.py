@@ -187,6 +187,7 @@ def run_label(config: LabelConfig) -> LabelSummary:
         "similarity": nan_to_none(names.similarity) if names else [None] * n_latents,
         "confidence": nan_to_none(names.confidence) if names else [None] * n_latents,
         "firing_count": images.firing_count_f.tolist(),
+        "steerability": [None] * n_latents,  # the steer job measures it
     }
     catalog = storage.join(config.output, CATALOG_FILE)
     write_catalog(catalog, columns, config.model_dump(mode="json"))

@@ -195,6 +195,10 @@ def run_train(config: TrainConfig) -> TrainSummary:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train workers run in their own folder: a relative local path means the driver's.
+    paths = {"activations": config.activations, "output": config.output}
+    paths["text_activations"] = config.text_activations
+    config = config.model_copy(update={k: storage.absolute(v) for k, v in paths.items() if v is not None})
     # The user's mistakes fail here, once, before any worker starts (not as retried worker failures).
     check_training_data(config.sae.d_in, config.activations, config.text_activations, config.paired)
     if config.text_activations is None and any(sae.architecture == "vl_sae" for _, sae in config.sae_runs()):

@@ -76,9 +76,10 @@ def class_embeddings(model, tokenizer, attribute: str):
     import torch
 
     rows = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for value in ATTRIBUTES[attribute]:
-            emb = model.encode_text(tokenizer(class_prompts(attribute, value)), normalize=True)
+            emb = model.encode_text(tokenizer(class_prompts(attribute, value)).to(device), normalize=True)
             rows.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
     return torch.stack(rows)
 
