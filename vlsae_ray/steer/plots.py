@@ -33,15 +33,17 @@ def flip_vs_strength(summary: dict) -> bytes:
         ax.set_xlabel("clamp strength (x the latent's maximum activation)")
         ax.set_title(f"{mode} mode")
         ax.set_ylim(0, 1.02)
-    axes[0][0].set_ylabel("flip rate (solid), hold rate on known attributes (dashed)")
-    axes[0][-1].legend(fontsize=7, loc="center right", title="attribute (latents)", title_fontsize=7)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("flip rate (solid), hold rate on known attributes (dashed)", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, title="attribute (latents)")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return to_png(fig)
 
 
 def examples(rows: list[dict], latents, summary: dict, n: int = 6) -> bytes:
     """Held-out images with the unsteered and the steered prediction of the clamped latent's attribute,
-    for the most steerable colour and shape latents, at their attribute's best delta-mode strength."""
+    for the most steerable colour and shape latents, each at the weakest delta-mode strength that
+    flips one of its images (else its strongest)."""
     from vlsae_ray.steer.measure import probe_image
 
     steerability = summary["steerability"]
@@ -51,16 +53,14 @@ def examples(rows: list[dict], latents, summary: dict, n: int = 6) -> bytes:
     )[:n]
     panels = []
     for concept in chosen:
-        best = summary["best"].get(f"{concept.attribute}/delta") or next(
-            p for k, p in summary["best"].items() if k.startswith(concept.attribute)
-        )
         mine = [r for r in rows if r["latent"] == concept.latent and r["kind"] == "flip"]
-        steered = [r for r in mine if r["mode"] == "delta" and r["strength"] == best["strength"]]
+        before = {r["item"]: json.loads(r["predicted"]) for r in mine if r["mode"] == "none"}
+        steered = sorted((r for r in mine if r["mode"] == "delta"), key=lambda r: r["strength"])
         if not steered:
             continue
-        row = steered[0]
-        before = next(r for r in mine if r["mode"] == "none" and r["item"] == row["item"])
-        panels.append((concept, row, json.loads(before["predicted"]), json.loads(row["predicted"])))
+        flipped = [r for r in steered if json.loads(r["predicted"])[concept.attribute] == concept.value]
+        row = (flipped or steered[-1:])[0]
+        panels.append((concept, row, before[row["item"]], json.loads(row["predicted"])))
     fig, axes = plt.subplots(
         1, max(len(panels), 1), figsize=(THUMB * 1.9 * max(len(panels), 1), 2.9), squeeze=False
     )
