@@ -436,7 +436,8 @@ class SteerConfig(Strict):
     modes: list[Literal["delta", "reconstruction"]] = Field(
         ["delta", "reconstruction"],
         min_length=1,
-        description="delta: h + decode(z') - decode(z) (error term kept); reconstruction: decode(z') (Pach et al.)",
+        description="delta: h + decode(z') - decode(z) (the error term kept); reconstruction: decode(z') "
+        "(Pach et al.)",
     )
     strengths: list[float] = Field(
         [0.5, 1.0, 2.0, 4.0, 8.0],
@@ -458,7 +459,9 @@ class SteerConfig(Strict):
     seed: int = 0
     batch_size: int = Field(64, gt=0, description="(latent, image) pairs per model forward")
     concurrency: int = Field(1, gt=0, description="model actors")
-    gpus_per_actor: GPUs = Field(1.0, description="GPUs each model actor requests when on GPU (backbone.device)")
+    gpus_per_actor: GPUs = Field(
+        1.0, description="GPUs each model actor requests when on GPU (backbone.device)"
+    )
     output: str = Field(description="URI of the folder steering.json and the report are written to")
 
     @model_validator(mode="after")

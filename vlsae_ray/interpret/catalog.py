@@ -55,6 +55,13 @@ def write_catalog(uri: str, columns: dict[str, list], config: dict) -> None:
     storage.write_bytes(uri, buffer.getvalue())
 
 
+def max_activations(catalog: pa.Table) -> dict[int, float]:
+    """{latent: its largest activation seen (its top example's)}, for latents that fired: the unit
+    of relative steering strengths (`vlsae_ray.steer.steered(..., max_activations=...)`)."""
+    rows = catalog.select(["latent", "top_activations"]).to_pylist()
+    return {row["latent"]: row["top_activations"][0] for row in rows if row["top_activations"]}
+
+
 def read_catalog(uri: str) -> pa.Table:
     """The catalog at `uri` as an Arrow table; DuckDB queries it by its Python name (`FROM table`)."""
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))

@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from vlsae_ray.interpret.catalog import max_activations
 from vlsae_ray.interpret.ground_truth import shared_concept
 from vlsae_ray.steer.hook import ABLATE, steered
 from vlsae_ray.world import ATTRIBUTES, generate_item
@@ -50,8 +51,8 @@ class ConceptLatent:
 def concept_latents(catalog: pa.Table, min_images: int) -> list[ConceptLatent]:
     """The catalog's latents whose distinct top images (at least `min_images`) all share one value."""
     found = []
-    columns = ["latent", "name", "top_source_ids", "top_activations"]
-    for row in catalog.select(columns).to_pylist():
+    maxima = max_activations(catalog)
+    for row in catalog.select(["latent", "name", "top_source_ids"]).to_pylist():
         ids = list(dict.fromkeys(row["top_source_ids"] or []))  # token rows of one image count once
         if len(ids) < min_images:
             continue
@@ -59,7 +60,7 @@ def concept_latents(catalog: pa.Table, min_images: int) -> list[ConceptLatent]:
         if shared is None or shared[1] < 1.0:
             continue
         attribute, value = shared[0].split("=")
-        found.append(ConceptLatent(row["latent"], attribute, value, row["top_activations"][0], row["name"]))
+        found.append(ConceptLatent(row["latent"], attribute, value, maxima[row["latent"]], row["name"]))
     return found
 
 
