@@ -37,6 +37,7 @@ KNOWN_ACCURACY = 0.9
 GOAL_FLIP, GOAL_HOLD = 0.8, 0.9
 WHITE = "white"  # probe id of a blank white image (Pach et al.'s second protocol)
 ONE_WORD = "one_word"  # the prediction key of LLaVA's answer to Pach et al.'s one-word prompt
+ANSWER_TOKENS = 5  # new tokens per answer, as Pach et al. generate for the one-word prompt
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,9 @@ class Steerer:
             model = self.backbone.model
             out = {}
             for attribute, question in ATTRIBUTE_QUESTIONS.items():
-                answers = answer(model, self.processor, images, question)
+                answers = answer(model, self.processor, images, question, max_new_tokens=ANSWER_TOKENS)
                 out[attribute] = [parse_answer(attribute, text) or "" for text in answers]
-            words = answer(model, self.processor, images, ONE_WORD_PROMPT)
+            words = answer(model, self.processor, images, ONE_WORD_PROMPT, max_new_tokens=ANSWER_TOKENS)
             out[ONE_WORD] = [(text.split() or [""])[0] for text in words]
             return out
         features = self.backbone.model.encode_image(
