@@ -86,8 +86,8 @@ def _token_index(tokens: str | Sequence[int], n_tokens: int) -> torch.Tensor:
     if isinstance(tokens, str):
         if tokens not in TOKENS:
             raise ValueError(f"tokens={tokens!r}: use one of {TOKENS} or a list of token indices")
-        first = {"all": 0, "cls": 0, "patches": 1}[tokens]
-        return torch.arange(first, 1 if tokens == "cls" else n_tokens)
+        start, stop = {"all": (0, n_tokens), "cls": (0, 1), "patches": (1, n_tokens)}[tokens]
+        return torch.arange(start, stop)
     index = torch.tensor(list(tokens), dtype=torch.long)
     if len(index) == 0 or int(index.min()) < -n_tokens or int(index.max()) >= n_tokens:
         raise ValueError(f"token indices {list(tokens)} are not all within the output's {n_tokens} tokens")
