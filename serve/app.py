@@ -2,8 +2,9 @@
 
 Run with `vlsae serve -c CONFIG` (or `serve run serve.app:app_builder sae=... ...`, or the serve
 config YAML that `vlsae serve -c CONFIG --print-config` writes, for `serve deploy` and KubeRay).
-Requests are batched with `@serve.batch`, so concurrent uploads share one forward pass. Each replica requests `gpus_per_replica` GPUs when the Ray cluster has
-GPUs and `backbone.device` allows (`vlsae_ray.devices`), and runs on the device Ray assigned it.
+Requests are batched with `@serve.batch`, so concurrent uploads share one forward pass. Each
+replica requests `gpus_per_replica` GPUs when the Ray cluster has GPUs and `backbone.device`
+allows (`vlsae_ray.devices`), and runs on the device Ray assigned it.
 """
 
 from typing import Annotated
