@@ -10,6 +10,8 @@ ARG VARIANT=cuda
 FROM nvidia/cuda:12.9.1-base-ubuntu24.04 AS base-cuda
 FROM ubuntu:24.04 AS base-cpu
 
+# a stage of this file, not an image to tag
+# hadolint ignore=DL3006
 FROM base-${VARIANT}
 ARG VARIANT
 # The Makefile's TORCH_SPEC (tests/k8s/test_image.py keeps the two equal).
@@ -17,7 +19,9 @@ ARG TORCH_SPEC="torch==2.13.0 torchvision==0.28.0"
 # k8s/base/raycluster.yaml's rayVersion (tested as well).
 ARG RAY_VERSION=2.60.0
 
-# wget: KubeRay's readiness and liveness probes call it
+# wget: KubeRay's readiness and liveness probes call it. Ubuntu's versions within the base's release
+# are left to its security updates, not pinned.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates wget \
     && rm -rf /var/lib/apt/lists/*
@@ -25,9 +29,12 @@ RUN apt-get update \
 RUN userdel --remove ubuntu && useradd --uid 1000 --user-group --create-home --shell /bin/bash ray
 
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# pip itself is upgraded unpinned, as the Makefile does; the pins are TORCH_SPEC's and RAY_VERSION's
+# hadolint ignore=DL3013
 RUN python3 -m venv "$VIRTUAL_ENV" && pip install --no-cache-dir --quiet --upgrade pip
 # As the Makefile: PyTorch first. The CPU variant takes PyTorch's CPU build (a few hundred MB)
 # rather than PyPI's CUDA build (several GB).
+# hadolint ignore=DL3013
 RUN if [ "$VARIANT" = cpu ]; then export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu; fi \
     && pip install --no-cache-dir --quiet $TORCH_SPEC "ray[train,serve,data]==$RAY_VERSION"
 
