@@ -358,7 +358,7 @@ def test_egress_is_dns_the_object_store_and_the_namespace(built, overlay):
 def test_every_cluster_is_the_raycluster_with_token_auth_and_autoscaling(built, overlay):
     (cluster,) = by_kind(built[overlay], "RayCluster")
     spec = cluster["spec"]
-    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["authOptions"] == {"mode": "token", "secretName": "vlsae-ray-token"}
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
     for kind in ("RayJob", "RayService"):
         for obj in by_kind(built[overlay], kind):
@@ -414,6 +414,7 @@ def test_every_rayjob_runs_an_existing_entrypoint_with_a_valid_config(built, ove
         assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
         assert spec["activeDeadlineSeconds"] > 0 and 0 <= spec["backoffLimit"] <= 2
         assert spec["submissionMode"] == "K8sJobMode" and yaml.safe_load(spec["runtimeEnvYAML"])
+        assert spec["suspend"] is True  # applying an overlay starts no job before its input exists
     # one RayJob per batch job whose cluster config is in jobs/configs (a new job's config needs one)
     batch_jobs = {p.name.split(".")[0] for p in (REPO / "jobs" / "configs").glob("*.cluster.yaml")} - {
         "serve"
