@@ -18,7 +18,7 @@ from jsonschema import ValidationError
 
 from vlsae_ray.cli import JOBS, main
 from vlsae_ray.config import ServeConfig, load_config, parse_config
-from vlsae_ray.deploy import render_serve_deploy_config, serve_deploy_config
+from vlsae_ray.deploy import build_application, render_serve_deploy_config, serve_deploy_config
 
 REPO = Path(__file__).parents[2]
 OVERLAYS = ("dev", "prod")
@@ -466,7 +466,23 @@ def test_rayservice_deploys_what_vlsae_serve_deploys(built, overlay, capsys):
     assert deployed["http_options"] == {"host": "0.0.0.0", "port": config.port}
 
 
-def test_a_serve_config_change_shows_as_drift(tmp_path, capsys):
+def test_the_dev_serve_config_builds_the_autoscaled_application(built):
+    """Serve's own step on the cluster: import `import_path` and call it with `args` (device cpu asks
+    no GPUs of a cluster, so nothing starts here)."""
+    (service,) = by_kind(built["dev"], "RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    config = ServeConfig.model_validate(app["args"])
+    deployment = build_application(app)._bound_deployment
+    autoscaling = deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (
+        config.autoscaling.min_replicas,
+        config.autoscaling.max_replicas,
+    )
+    assert autoscaling.target_ongoing_requests == config.autoscaling.target_ongoing_requests
+    assert deployment.ray_actor_options["num_gpus"] == 0
+
+
+def test_a_serve_config_change_shows_as_drift():
     source = REPO / "jobs" / "configs" / "serve.cluster.yaml"
     edited = yaml.safe_load(source.read_text()) | {"top_k": 11}
     config = parse_config(edited, ServeConfig)
