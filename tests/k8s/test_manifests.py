@@ -452,7 +452,10 @@ def test_rayservice_deploys_what_vlsae_serve_deploys(built, overlay, capsys):
     finally:
         os.chdir(cwd)
     printed = capsys.readouterr().out
-    assert printed == (REPO / generated).read_text() == render_serve_deploy_config(config, source)
+    assert printed == (REPO / generated).read_text(), (
+        f"regenerate: vlsae serve -c {source} --print-config > {generated}"
+    )
+    assert printed == render_serve_deploy_config(config, source)
     assert service["spec"]["serveConfigV2"] == printed
     # autoscaled replicas; a cluster change never needs a second cluster's GPUs
     assert (
