@@ -1,9 +1,10 @@
 """Ray Serve deployments: `POST /encode` turns an uploaded image into its top SAE latents.
 
-Run with `vlsae serve -c CONFIG` (or `serve run serve.app:app_builder sae=... ...` / a serve
-config YAML for `serve deploy`). Requests are batched with `@serve.batch`, so concurrent uploads
-share one forward pass. Each replica requests `gpus_per_replica` GPUs when the Ray cluster has
-GPUs and `backbone.device` allows (`vlsae_ray.devices`), and runs on the device Ray assigned it.
+Run with `vlsae serve -c CONFIG` (or `serve run serve.app:app_builder sae=... ...`, or the serve
+config YAML that `vlsae serve -c CONFIG --print-config` writes, for `serve deploy` and KubeRay).
+Requests are batched with `@serve.batch`, so concurrent uploads share one forward pass. Each
+replica requests `gpus_per_replica` GPUs when the Ray cluster has GPUs and `backbone.device`
+allows (`vlsae_ray.devices`), and runs on the device Ray assigned it.
 """
 
 from typing import Annotated
@@ -61,7 +62,11 @@ class SAEService:
 
 def build_app(config: ServeConfig):
     gpus = gpu_request(config.backbone.device, config.gpus_per_replica, "Serve replicas", "gpus_per_replica")
-    return SAEService.options(num_replicas=config.num_replicas, ray_actor_options={"num_gpus": gpus}).bind(
+    if config.autoscaling is None:
+        replicas = {"num_replicas": config.num_replicas}
+    else:
+        replicas = {"autoscaling_config": config.autoscaling.model_dump()}
+    return SAEService.options(**replicas, ray_actor_options={"num_gpus": gpus}).bind(
         config.model_dump(mode="json")
     )
 

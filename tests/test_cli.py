@@ -10,7 +10,12 @@ import yaml
 from vlsae_ray.cli import JOBS
 from vlsae_ray.config import ServeConfig, load_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+# every job config; kustomization.yaml turns the cluster ones into k8s/'s ConfigMap
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
+    if p.name != "kustomization.yaml"
+)
 
 
 def vlsae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -40,6 +40,25 @@ def test_gpu_request_on_a_cluster_without_gpus(ray_cluster, caplog):
         gpu_request("cuda", 1.0, "the model actors", "gpus_per_actor")
 
 
+def test_gpu_request_counts_the_gpus_the_autoscaler_can_add(ray_cluster):
+    """A GPU worker group that scales from zero (k8s/overlays/prod) has no GPU until work asks for
+    one: the node groups the autoscaler publishes in the GCS count, as Ray Train counts them."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    config = autoscaler_pb2.ClusterConfig()
+    config.node_group_configs.add(name="gpu", max_count=8).resources["GPU"] = 1
+    where = {"namespace": GCS_AUTOSCALER_STATE_NAMESPACE}
+    _internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(), overwrite=True, **where)
+    try:
+        assert gpu_request("cuda", 1.0, "the model actors", "gpus_per_actor") == 1.0
+        assert gpu_request("auto", 0.5, "the model actors", "gpus_per_actor") == 0.5
+    finally:
+        _internal_kv_del(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, **where)
+    assert gpu_request("auto", 0.5, "the model actors", "gpus_per_actor") == 0
+
+
 def test_device_cuda_on_a_cluster_without_gpus_fails_before_launch(ray_cluster, tmp_path):
     config = ExtractConfig(
         source={"kind": "world", "n_items": 8},

@@ -3,6 +3,7 @@
     vlsae demo [--s3] [--root URI]      the whole pipeline on this machine
     vlsae extract|train|evaluate|label|steer -c CONFIG
     vlsae serve -c CONFIG               the HTTP API (blocks until interrupted)
+    vlsae serve -c CONFIG --print-config    its Serve deploy config (serveConfigV2 of the RayService)
     vlsae local-s3 --dir DIR            a SeaweedFS S3 server on loopback (blocks)
     vlsae plan --d D --latents F ...    memory per worker, layout and FLOPs of latent-sharded training
     vlsae world train|eval              train the concept world's CLIP; its held-out zero-shot accuracy
@@ -75,17 +76,20 @@ def run_job(name: str, config_uri: str):
 
 
 def serve_forever(config_uri: str) -> None:
+    """Deploy the serve config's deploy document (`vlsae_ray.deploy`, as a RayService would) and wait."""
     import time
 
     from ray import serve
 
-    from serve.app import build_app
+    from vlsae_ray.deploy import build_application, serve_deploy_config
     from vlsae_ray.local_stack import connect_ray
 
     config = load_config(config_uri, ServeConfig)
+    deploy = serve_deploy_config(config)
     connect_ray()
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name="vlsae", route_prefix="/")
+    serve.start(http_options=deploy["http_options"])
+    for app in deploy["applications"]:
+        serve.run(build_application(app), name=app["name"], route_prefix=app["route_prefix"])
     print(f"serving POST http://{config.host}:{config.port}/encode (Ctrl-C to stop)", flush=True)
     try:
         while True:
@@ -144,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         job.add_argument("-c", "--config", required=True, help="YAML config (path, file:// or s3:// URI)")
     serve_cmd = commands.add_parser("serve", help="serve POST /encode with Ray Serve")
     serve_cmd.add_argument("-c", "--config", required=True)
+    serve_cmd.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the Serve deploy config it would deploy (for `serve deploy` and a RayService) and exit",
+    )
     s3 = commands.add_parser("local-s3", help="run a SeaweedFS S3 server on 127.0.0.1 until interrupted")
     s3.add_argument("--dir", required=True, help="folder for its data (kept between runs)")
     s3.add_argument("--port", type=int, default=8333)
@@ -181,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             from vlsae_ray.demo import run_demo
 
             run_demo(root=args.root, use_s3=args.s3, n_items=args.items)
+        elif args.command == "serve" and args.print_config:
+            from vlsae_ray.deploy import render_serve_deploy_config
+
+            print(render_serve_deploy_config(load_config(args.config, ServeConfig), args.config), end="")
         elif args.command == "serve":
             serve_forever(args.config)
         elif args.command == "plan":

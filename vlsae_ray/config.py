@@ -471,6 +471,26 @@ class SteerConfig(Strict):
         return self
 
 
+class ServeAutoscalingConfig(Strict):
+    """Ray Serve replica autoscaling (`autoscaling_config`); the Ray autoscaler adds nodes to fit."""
+
+    min_replicas: int = Field(
+        1, ge=0, description="replicas kept warm; 0 lets an idle API give back its GPUs (cold starts)"
+    )
+    max_replicas: int = Field(gt=0, description="the most replicas, each with gpus_per_replica GPUs")
+    target_ongoing_requests: float = Field(
+        16,
+        gt=0,
+        description="requests per replica Serve scales toward; about one batch of the encoder (16)",
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ServeAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        return self
+
+
 class ServeConfig(Strict):
     sae: str = Field(description="URI of a saved SAE")
     backbone: BackboneConfig
@@ -481,10 +501,19 @@ class ServeConfig(Strict):
         "127.0.0.1", description="address the HTTP proxy binds; 0.0.0.0 only behind a trusted network"
     )
     port: int = Field(8000, gt=0, lt=65536)
-    num_replicas: int = Field(1, gt=0)
+    num_replicas: int = Field(1, gt=0, description="a fixed number of replicas (without autoscaling)")
+    autoscaling: ServeAutoscalingConfig | None = Field(
+        None, description="scale the replicas with the load instead of a fixed num_replicas"
+    )
     gpus_per_replica: GPUs = Field(
         1.0, description="GPUs each replica requests when on GPU (backbone.device); below 1 shares one"
     )
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ServeConfig:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("give num_replicas or autoscaling, not both")
+        return self
 
 
 JobConfig = TypeVar("JobConfig", bound=BaseModel)

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 def gpu_request(device: str, gpus: float, work: str, key: str) -> float:
     """GPUs each of `work`'s actors, tasks or replicas requests (`gpus`, the config's `key`, or 0).
 
-    device "cpu" requests none; "auto" requests `gpus` when the cluster has a GPU and otherwise
-    runs on CPU and says so; "cuda" requests `gpus` and fails before launch on a cluster with none.
+    device "cpu" requests none; "auto" requests `gpus` when the cluster has a GPU, or its autoscaler
+    can add one, and otherwise runs on CPU and says so; "cuda" requests `gpus` and fails before launch
+    on a cluster that has none and cannot get one.
     """
     import ray
 
@@ -29,7 +30,7 @@ def gpu_request(device: str, gpus: float, work: str, key: str) -> float:
     if device == "cpu":
         return 0.0
     connect_ray()
-    if ray.cluster_resources().get("GPU", 0) > 0:
+    if ray.cluster_resources().get("GPU", 0) > 0 or _autoscaler_gpus() > 0:
         return gpus
     if device == "cuda":
         raise ValueError(
@@ -38,6 +39,15 @@ def gpu_request(device: str, gpus: float, work: str, key: str) -> float:
         )
     log.warning("%s run on CPU: the Ray cluster has no GPU", work)
     return 0.0
+
+
+def _autoscaler_gpus() -> int:
+    """GPUs the cluster's autoscaler may add: a GPU worker group that scales from zero (KubeRay, the
+    VM launcher) has no GPU node until work asks for one. Ray Train checks its workers against the
+    same node groups, which the autoscaler publishes; none without an autoscaler."""
+    from ray._private.state import state
+
+    return (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
 
 
 def assigned_device() -> torch.device:

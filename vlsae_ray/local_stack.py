@@ -53,6 +53,10 @@ def connect_ray(
     env_vars = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
     env_vars.update(LOOPBACK_ENV)
     if os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` the job's own runtime env (a RayJob's runtimeEnvYAML) sets its env_vars
+        # in this process too, so forwarding them again repeats a key, which Ray refuses unless told to
+        # merge the two (the values are the same ones)
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return
     ray.init(
