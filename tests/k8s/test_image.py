@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vlsae_ray.cli import JOBS
+
 REPO = Path(__file__).parents[2]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
@@ -59,7 +61,8 @@ def test_ray_version_is_every_clusters_ray(built):
         for obj in objects
         if obj["kind"] in where
     ]
-    assert len(clusters) == 2 * 6 and {c["rayVersion"] for c in clusters} == {ray_version}
+    # per overlay: the RayCluster, the RayService's and one per batch job's RayJob
+    assert len(clusters) == 2 * (2 + len(JOBS)) and {c["rayVersion"] for c in clusters} == {ray_version}
 
 
 def test_cuda_and_cpu_variants_come_from_one_build_argument():

@@ -191,7 +191,10 @@ def test_every_container_meets_the_restricted_pod_security_standard(built, overl
                 f"{kind} {obj['metadata']['name']}", {"spec": {"containers": [autoscaler]}}
             )
     assert not found
-    assert len(templates) == {"dev": 6 * 2 + 4, "prod": 6 * 3 + 4}[overlay]
+    # each RayCluster spec (the cluster, the RayService's, one per RayJob) has its head and worker
+    # groups (prod: and the GPU group); each RayJob has its submitter
+    groups = {"dev": 2, "prod": 3}[overlay]
+    assert len(templates) == (2 + len(JOBS)) * groups + len(JOBS)
     namespace = by_kind(built[overlay], "Namespace")[0]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
