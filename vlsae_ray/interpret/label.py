@@ -109,7 +109,7 @@ def _shard_concepts(batch: dict, activations: str, embeddings: str, shards: dict
             "extract both from the same source, in one job"
         )
     unit_nd = torch.nn.functional.normalize(e_md[[position[i] for i in source_ids]].float(), dim=-1)
-    concepts_vd = torch.from_numpy(kwargs["concepts_vd"])
+    concepts_vd = torch.tensor(kwargs["concepts_vd"])
     log_p_nv = zero_shot_log_probability(unit_nd, concepts_vd, kwargs["logit_scale"])
     rows, latents, values = [], [], []
     for start in range(0, x_nd.shape[0], kwargs["batch_size"]):
