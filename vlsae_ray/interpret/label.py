@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from vlsae_ray import storage
+from vlsae_ray import progress, storage
 from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import shard_dataset
 from vlsae_ray.activations.sources import source_items
@@ -180,6 +180,7 @@ def concept_pass(
         wanted_ids, wanted_unit = json.loads(str(result["wanted_ids"])), pickle.loads(result["wanted_unit"])
         unit_by_id.update(zip(wanted_ids, wanted_unit, strict=True))
         heldout.append(pickle.loads(result["heldout"]))
+        progress.advance()
     first_row = np.cumsum([0] + [s_nv.shape[0] for s_nv, _, _ in heldout])
     all_rows = (sums.rows + int(first_row[-1])).clamp_min(1).float()
     return ConceptPass(
@@ -308,6 +309,19 @@ def run_label(config: LabelConfig) -> LabelSummary:
     vocabulary = load_vocabulary(config.vocabulary) if config.naming_method != "none" else []
     connect_ray()
     gpus = gpu_request(config.device, config.gpus_per_task, "label's SAE tasks", "gpus_per_task")
+    with progress.stage("label", _shard_tasks(config), "shards"):
+        return _label(config, sae, vocabulary, gpus)
+
+
+def _shard_tasks(config: LabelConfig) -> int:
+    """The label job's shard tasks: top examples, then naming's pass, on each side."""
+    images = len(store.read_manifest(config.activations).shards)
+    texts = len(store.read_manifest(config.text_activations).shards) if config.text_activations else 0
+    naming = config.embeddings is not None and config.naming_method != "none"
+    return images + texts + naming * (images + texts * (config.naming_method == "activations"))
+
+
+def _label(config: LabelConfig, sae, vocabulary: list[str], gpus: float) -> LabelSummary:
     images = top_examples(config.activations, config.sae, config.top_k, config.batch_size, gpus)
     texts = captions = None
     if config.text_activations is not None:
