@@ -75,6 +75,8 @@ class Stage:
             )
 
     def advance(self, n: int = 1) -> None:
+        if n <= 0:
+            return
         self.done = min(self.done + n, self.total)
         if self.bar is not None:
             self.bar.n = self.done
