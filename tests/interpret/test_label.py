@@ -15,6 +15,8 @@ held-out seed, names given with confidence >= 0.8 were 84% right and those below
 we require the confident ones to be right at least 75% of the time and more often than the rest.
 """
 
+from pathlib import Path
+
 import duckdb
 import pytest
 import torch
@@ -98,11 +100,12 @@ def held_out_world(world_sae, tmp_path_factory, ray_cluster, write_dataset):
     sae.save(f"{root}/sae")
     ids = [item.id for item in items]
     _, summary = _label(root, ids, acts[BLOCK].values, acts[EMBEDDING].values, write_dataset)
-    return read_catalog(summary.catalog).to_pylist(), monosemanticity_score(z_nf, acts[EMBEDDING].values)
+    catalog = read_catalog(summary.catalog).to_pylist()
+    return catalog, monosemanticity_score(z_nf, acts[EMBEDDING].values), summary.report
 
 
 def test_names_and_their_confidence_on_a_held_out_seed_and_split(held_out_world):
-    catalog, ms_f = held_out_world
+    catalog, ms_f, report = held_out_world
     high, right, chance = _judge(catalog, ms_f)
     rate = sum(right) / len(high)
     named = [row for row in catalog if row["name"] is not None and len(row["top_source_ids"]) == TOP]
@@ -118,6 +121,11 @@ def test_names_and_their_confidence_on_a_held_out_seed_and_split(held_out_world)
     # unnamed latents: they fired, and their best concept's confidence fell short of min_confidence
     unnamed = [row for row in catalog if row["name"] is None and row["firing_count"] > 0]
     assert unnamed and all(row["confidence"] is None or row["confidence"] < 0.5 for row in unnamed)
+    # the label report's reliability table holds the same figures, beside its plot
+    text = Path(report).read_text()
+    assert f"Names with confidence >= 0.8: {len(sure)}, {sure_rate:.0%} right." in text
+    png = Path(report).with_name("reliability.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
     scored = [row["heldout_auroc"] for row in named if row["heldout_auroc"] is not None]
     assert len(scored) > 0.9 * len(named) and sum(scored) / len(scored) > 0.7  # names predict firing
 

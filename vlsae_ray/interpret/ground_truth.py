@@ -9,6 +9,7 @@ attribute with few values does not win just by being common.
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 
 from vlsae_ray.activations.sources import world_labels
 from vlsae_ray.world import ATTRIBUTES
@@ -46,7 +47,7 @@ def held_names(source_ids: list[str]) -> set[str] | None:
     """The vocabulary names of the world concepts that all but at most one of these items hold (a
     latent's top images often share two or three, e.g. "three large white objects", and any of them
     is a right name); None when they are not all world items."""
-    labels = [world_labels(source_id) for source_id in source_ids]
+    labels = [_labels(source_id) for source_id in source_ids]
     if not labels or any(label is None for label in labels):
         return None
     return {
@@ -54,6 +55,10 @@ def held_names(source_ids: list[str]) -> set[str] | None:
         for (attribute, value), name in WORLD_NAMES.items()
         if sum(label[attribute] == value for label in labels) >= len(labels) - 1
     }
+
+
+# top sets of different latents share many items, and a world item's labels cost a render
+_labels = lru_cache(maxsize=2**16)(world_labels)
 
 
 def reliability(confidence: list[float], right: list[bool], edges=(0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0)):

@@ -25,8 +25,10 @@ from vlsae_ray.activations.reader import shard_dataset
 from vlsae_ray.activations.sources import source_items
 from vlsae_ray.config import BackboneConfig, LabelConfig, SourceConfig
 from vlsae_ray.devices import assigned_device, gpu_request
+from vlsae_ray.eval import plots
 from vlsae_ray.eval.metrics import nan_to_none
 from vlsae_ray.interpret.catalog import CATALOG_FILE, write_catalog
+from vlsae_ray.interpret.ground_truth import held_names, reliability
 from vlsae_ray.interpret.naming import (
     Names,
     PatternSums,
@@ -52,6 +54,7 @@ from vlsae_ray.world import MODEL_NAME
 
 class LabelSummary(BaseModel):
     catalog: str
+    report: str | None = None  # report.md: the names' counts, held-out AUROC and reliability
     rows: int
     n_latents: int
     latents_with_examples: int
@@ -366,5 +369,63 @@ def _label(config: LabelConfig, sae, vocabulary: list[str], gpus: float) -> Labe
         latents_named=latents_named,
         latents_unnamed=int((images.firing_count_f > 0).sum()) - latents_named if names else 0,
     )
+    if naming is not None:
+        summary.report = _write_report(config, columns, summary)
     write_run_info(config.output, "label", config, **summary.model_dump())
     return summary
+
+
+def _write_report(config: LabelConfig, columns: dict[str, list], summary: LabelSummary) -> str:
+    """report.md next to the catalog, and for items with ground truth (the concept world) a
+    reliability diagram: how often names of each confidence are right (`ground_truth.held_names`)."""
+    lines = [
+        f"# Latent names of {config.sae}",
+        "",
+        f"Naming `{summary.naming}` with {'the default' if config.vocabulary is None else config.vocabulary} "
+        f"vocabulary: {summary.latents_named} latents named, {summary.latents_unnamed} unnamed (no concept "
+        f"explains them), {summary.n_latents - summary.latents_with_examples} never fire.",
+    ]
+    aurocs = [value for value in columns["heldout_auroc"] if value is not None]
+    if aurocs:
+        lines.append(
+            f"Held-out AUROC of the names (how well a name predicts where its latent fires on the "
+            f"{config.heldout_fraction:.0%} of items kept out of naming): median {np.median(aurocs):.2f} "
+            f"over {len(aurocs)} names."
+        )
+    judged, right = [], []
+    for name, confidence, ids in zip(
+        columns["name"], columns["confidence"], columns["top_source_ids"], strict=True
+    ):
+        if name is None or confidence is None or len(ids) < config.top_k:
+            continue
+        held = held_names(ids)
+        if held is None:  # not world items: no ground truth to check names against
+            judged = []
+            break
+        judged.append(confidence)
+        right.append(name in held)
+    if judged:
+        rows = reliability(judged, right)
+        uri = storage.join(config.output, "reliability.png")
+        storage.write_bytes(uri, plots.reliability(rows))
+        sure = [ok for confidence, ok in zip(judged, right, strict=True) if confidence >= 0.8]
+        lines += [
+            "",
+            f"## Reliability on the items' ground truth ({len(judged)} names, full top-{config.top_k})",
+            "",
+            "A name is right when all but at most one of the latent's top images hold its concept.",
+            "",
+            "| confidence | names | mean confidence | right |",
+            "|---|---|---|---|",
+            *(
+                f"| {low:.1f}-{high:.1f} | {n} | {mean:.2f} | {share:.0%} |"
+                for low, high, n, mean, share in rows
+            ),
+            "",
+            f"Names with confidence >= 0.8: {len(sure)}, {sum(sure) / max(len(sure), 1):.0%} right.",
+            "",
+            "![reliability](reliability.png)",
+        ]
+    report = storage.join(config.output, "report.md")
+    storage.write_text(report, "\n".join(lines) + "\n")
+    return report
