@@ -8,15 +8,17 @@
     vlsae world train|eval              train the concept world's CLIP; its held-out zero-shot accuracy
 
 Each job joins the Ray cluster it runs in (`ray job submit`) or starts a local one on loopback.
-The demo and the jobs show one progress bar per stage and a one-line result; Ray's logs and every
-library's go to vlsae-logs/ (the path is printed) unless --verbose shows them here.
+Run as a program, the demo and the jobs show one progress bar per stage and a one-line result; Ray's
+logs and every library's go to a file (its path is printed) unless --verbose shows them here.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 import time
 
 from vlsae_ray import progress
@@ -71,10 +73,11 @@ def run_job(name: str, config_uri: str):
 
 
 def _quiet_unless_verbose(args: argparse.Namespace) -> str | None:
-    """Send this process's logs to vlsae-logs/COMMAND-TIME.log unless --verbose; the path, or None."""
+    """Send this process's logs to TMPDIR/vlsae-logs/COMMAND-TIME-PID.log unless --verbose; the path."""
     if getattr(args, "verbose", True):
         return None
-    path = f"vlsae-logs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    name = f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path = os.path.join(tempfile.gettempdir(), "vlsae-logs", name)
     progress.quiet(path)
     progress.echo(f"vlsae {args.command}: logs in {path} (--verbose shows them here)")
     return path
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument(
-        "--verbose", action="store_true", help="show Ray's and every library's logs here, not in vlsae-logs/"
+        "--verbose", action="store_true", help="show Ray's and every library's logs here, not in a log file"
     )
     demo = commands.add_parser(
         "demo", parents=[verbose], help="run the whole pipeline on this machine and print a summary"
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     world_eval.add_argument("--checkpoint", help="default: the committed checkpoint")
     world_eval.add_argument("--n", type=int, default=2000, help="held-out images to score")
     args = parser.parse_args(argv)
-    log_path = _quiet_unless_verbose(args)
+    # only a program owns its stdout and stderr: a Python caller of main(argv) keeps its own
+    log_path = _quiet_unless_verbose(args) if argv is None else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
