@@ -14,10 +14,13 @@ from functools import lru_cache
 from vlsae_ray.activations.sources import world_labels
 from vlsae_ray.world import ATTRIBUTES
 
+# top sets of different latents share many items, and a world item's labels cost a render
+_labels = lru_cache(maxsize=2**16)(world_labels)
+
 
 def shared_concept(source_ids: list[str]) -> tuple[str, float] | None:
     """("attribute=value", fraction of the items that have it) for world items; None otherwise."""
-    labels = [world_labels(item_id) for item_id in source_ids]
+    labels = [_labels(item_id) for item_id in source_ids]
     if not labels or any(label is None for label in labels):
         return None
     counts = Counter((attribute, value) for label in labels for attribute, value in label.items())
@@ -55,10 +58,6 @@ def held_names(source_ids: list[str]) -> set[str] | None:
         for (attribute, value), name in WORLD_NAMES.items()
         if sum(label[attribute] == value for label in labels) >= len(labels) - 1
     }
-
-
-# top sets of different latents share many items, and a world item's labels cost a render
-_labels = lru_cache(maxsize=2**16)(world_labels)
 
 
 def reliability(confidence: list[float], right: list[bool], edges=(0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0)):
