@@ -1,11 +1,19 @@
 """The label job (`vlsae label -c CONFIG`): every latent's exact top-k examples, for a VL-SAE its
-top captions too, a name from the vocabulary with a confidence, all written to the concept catalog.
+top captions too, a name from the vocabulary (or none) with a confidence and a held-out AUROC, all
+written to the concept catalog, and a report (`report.md`, and `reliability.png` where the items
+carry ground truth).
 
-Passes, each a Ray Data map over shards: the top-k of the activation dataset (and of the
-text-side dataset for a VL-SAE; `top_examples`, whose tasks request `gpus_per_task` GPUs when
-the Ray cluster has GPUs and `device` allows), then, to name by top images, one pass over the
-embedding dataset that fetches the embeddings of the top rows' items and sums all unit
-embeddings. The vocabulary is embedded once in the driver.
+Passes, each a Ray Data map over shards whose tasks request `gpus_per_task` GPUs when the Ray
+cluster has GPUs and `device` allows: the top-k of the activation dataset (and of the text-side
+dataset for a VL-SAE; `top_examples`), then for naming `concept_pass` over the activation shards
+and the embedding shards of the same items: the SAE's latents against every concept's zero-shot
+log-probability (`naming.PatternSums`, on the items outside the held-out fold), the embeddings of
+the top rows' items and the held-out fold's rows for scoring names. For a VL-SAE named by
+`activations`, a second such pass over its captions (their embeddings are its text rows). The
+vocabulary is embedded once in the driver. Methods and confidence: `vlsae_ray.interpret.naming`.
+
+At scale: each task returns F x V sums (F latents, V concepts), and the held-out fold's rows
+(V scores and the firing latents per row) come to the driver.
 """
 
 from __future__ import annotations
