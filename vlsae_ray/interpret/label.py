@@ -261,6 +261,13 @@ def _names(config: LabelConfig, images: TopExamples, vocabulary: list[str], gpus
     encoder = TextEncoder(config.text_model or default_text_model(config.embeddings or config.activations))
     concepts_vd = concept_embeddings(encoder, vocabulary, config.prompts)
     scale, passes = encoder.logit_scale, []
+    width = concepts_vd.shape[1]
+    if config.embeddings is not None and store.read_manifest(config.embeddings).d != width:
+        raise ValueError(
+            f"embeddings {config.embeddings!r} have width {store.read_manifest(config.embeddings).d} but "
+            f"the text model embeds concepts in width {width}: name with the CLIP whose image embeddings "
+            "these are (`text_model`)"
+        )
     if config.embeddings is not None:
         passes.append(
             concept_pass(
@@ -268,8 +275,9 @@ def _names(config: LabelConfig, images: TopExamples, vocabulary: list[str], gpus
                 set(images.source_ids.values()), config.heldout_fraction, config.batch_size, gpus,
             )
         )  # fmt: skip
-        if method == "activations" and config.text_activations is not None:
-            # a VL-SAE's captions: the text-side rows are caption embeddings in the same space
+        # a VL-SAE on CLIP embeddings: its text rows are caption embeddings in the concepts' space
+        texts = config.text_activations
+        if method == "activations" and texts is not None and store.read_manifest(texts).d == width:
             passes.append(
                 concept_pass(
                     config.text_activations, config.text_activations, config.sae, concepts_vd, scale,
