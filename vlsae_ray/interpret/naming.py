@@ -1,6 +1,6 @@
 """Naming latents: the vocabulary concept that explains where a latent fires.
 
-Three methods (the label config's `naming`), each comparing the latent with every concept of a
+Four methods (the label config's `naming`), each comparing the latent with every concept of a
 vocabulary through a CLIP that shares an image and a text space:
 
 - `activations` (the default): the latent's activation pattern over the whole dataset against each
@@ -10,7 +10,8 @@ vocabulary through a CLIP that shares an image and a text space:
   (`PatternSums`), so it sees every image a latent fires on, weakly or strongly, and every image
   it stays silent on. This is CLIP-Dissect's idea (Oikarinen and Weng, ICLR 2023: match a neuron's
   activation pattern with a concept's CLIP similarity pattern) with the whole dataset in place of
-  the top images.
+  the top images. For a VL-SAE on CLIP embeddings its caption rows join the image rows, each
+  against the concepts' pattern over the caption embeddings, so its names use its captions too.
 - `clip_dissect`: CLIP-Dissect's SoftWPMI over the latent's top-k images (`clip_dissect_scores`).
 - `top_images`: the mean unit image embedding of the latent's top-k images minus the mean unit
   embedding of all images, i.e. what its top images have that images in general do not, compared
@@ -33,7 +34,10 @@ activations).
 Confidence: for `activations`, the probability that the name is right, a logistic function of the
 held-out AUROC and the correlation's margin over the runner-up (`calibrated_confidence`), fitted on
 the concept world's ground truth; a latent whose best concept falls below the label config's
-`min_confidence` stays unnamed (its name is null) rather than get a confident wrong name. For the
+`min_confidence` stays unnamed (its name is null) rather than get a confident wrong name; so does
+one that never fires on the held-out fold (nothing to check its name on). On the concept world the
+confidence is calibrated on the seed it was fitted on and 5-10 points over-confident on a held-out
+seed and split (benchmarks/README.md). For the
 other methods it is the softmax probability of the name over the vocabulary at the model's logit
 scale (top_images, decoder) or over the SoftWPMI scores (clip_dissect): comparable across latents,
 not calibrated.
