@@ -11,7 +11,7 @@ about 3 points) on the default seed and 85% (134) on a held-out seed and split, 
 previous method (`top_images`) gets 78% and 79% and CLIP-Dissect's SoftWPMI 60% and 69%; chance,
 a uniformly random name of the 30-concept vocabulary being right, is about 10%. We require at
 least 75% (3 sd under the measurement) and 5 times chance on both. The calibration check: on the
-held-out seed, names given with confidence >= 0.8 were 84% right and those below 80% lower (62%);
+held-out seed, names given with confidence >= 0.8 were 84% right and those below 0.8 60%;
 we require the confident ones to be right at least 75% of the time and more often than the rest.
 """
 
