@@ -59,12 +59,16 @@ def rank_main(world: int, rank: int, latent_shards: int, n_latents: int, batch: 
     seconds = time.perf_counter() - start
     state = [*trainer.sae.parameters(), *[p.grad for p in trainer.sae.parameters()]]
     state += [t for s in trainer.optimizer.state.values() for t in s.values() if t.ndim > 0]
-    print(json.dumps({
-        "rank": rank,
-        "samples_per_second": steps * batch / seconds,
-        "state_bytes": sum(t.numel() * t.element_size() for t in state),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "rank": rank,
+                "samples_per_second": steps * batch / seconds,
+                "state_bytes": sum(t.numel() * t.element_size() for t in state),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
     dist.destroy_process_group()
 
 
@@ -72,9 +76,21 @@ def run(world: int, latent_shards: int, n_latents: int, batch: int, steps: int) 
     with tempfile.TemporaryDirectory() as folder:
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--rank", str(world), str(rank), str(latent_shards),
-                 str(n_latents), str(batch), str(steps), f"{folder}/pg"],
-                stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                [
+                    sys.executable,
+                    __file__,
+                    "--rank",
+                    str(world),
+                    str(rank),
+                    str(latent_shards),
+                    str(n_latents),
+                    str(batch),
+                    str(steps),
+                    f"{folder}/pg",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
             for rank in range(world)
         ]
@@ -105,8 +121,12 @@ def main() -> None:
         )
         lines.append(f"| {name} | {world} | {batch} | {rate:,.0f} | {rate / base:.2f} |")
         print(lines[-1], flush=True)
-    lines += ["", "| F | replicated: state MiB | peak RSS MiB | 2 shards: state MiB / worker | peak RSS MiB "
-              "| state ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| F | replicated: state MiB | peak RSS MiB | 2 shards: state MiB / worker | peak RSS MiB "
+        "| state ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for n_latents in (2**13, 2**15, 2**17):
         one = run(1, 1, n_latents, 1024, 2)[0]
         two = max(run(2, 2, n_latents, 1024, 2), key=lambda r: r["state_bytes"])

@@ -9,14 +9,20 @@
     vlsae world train|eval              train the concept world's CLIP; its held-out zero-shot accuracy
 
 Each job joins the Ray cluster it runs in (`ray job submit`) or starts a local one on loopback.
+Run as a program, the demo and the jobs show one progress bar per stage and a one-line result; Ray's
+logs and every library's go to a file (its path is printed) unless --verbose shows them here.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import time
 
+from vlsae_ray import progress
 from vlsae_ray.config import (
     ConfigError,
     EvaluateConfig,
@@ -73,6 +79,17 @@ def run_job(name: str, config_uri: str):
     """Load and validate the config (before any work), then run the job."""
     model, job, _ = JOBS[name]
     return job(load_config(config_uri, model))
+
+
+def _quiet_unless_verbose(args: argparse.Namespace) -> str | None:
+    """Send this process's logs to TMPDIR/vlsae-logs/COMMAND-TIME-PID.log unless --verbose; the path."""
+    if getattr(args, "verbose", True):
+        return None
+    name = f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path = os.path.join(tempfile.gettempdir(), "vlsae-logs", name)
+    progress.quiet(path)
+    progress.echo(f"vlsae {args.command}: logs in {path} (--verbose shows them here)")
+    return path
 
 
 def serve_forever(config_uri: str) -> None:
@@ -135,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="vlsae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the whole pipeline on this machine and print a summary")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "--verbose", action="store_true", help="show Ray's and every library's logs here, not in a log file"
+    )
+    demo = commands.add_parser(
+        "demo", parents=[verbose], help="run the whole pipeline on this machine and print a summary"
+    )
     demo.add_argument(
         "--root", help="where artifacts go (path or s3:// URI); default ./vlsae-demo, or a bucket with --s3"
     )
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--items", type=int, default=2048, help="image-caption items to extract")
     for name, (_, _, help_text) in JOBS.items():
-        job = commands.add_parser(name, help=help_text)
+        job = commands.add_parser(name, parents=[verbose], help=help_text)
         job.add_argument("-c", "--config", required=True, help="YAML config (path, file:// or s3:// URI)")
     serve_cmd = commands.add_parser("serve", help="serve POST /encode with Ray Serve")
     serve_cmd.add_argument("-c", "--config", required=True)
@@ -184,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     world_eval.add_argument("--checkpoint", help="default: the committed checkpoint")
     world_eval.add_argument("--n", type=int, default=2000, help="held-out images to score")
     args = parser.parse_args(argv)
+    # only a program owns its stdout and stderr: a Python caller of main(argv) keeps its own
+    log_path = _quiet_unless_verbose(args) if argv is None else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
@@ -217,10 +242,19 @@ def main(argv: list[str] | None = None) -> int:
             run_local_s3(args.dir, args.port, tuple(args.bucket))
         else:
             summary = run_job(args.command, args.config)
-            print(summary.model_dump_json(indent=1))
+            progress.echo(summary.model_dump_json(indent=None if log_path else 1))
     except (ConfigError, StorageError, FileNotFoundError, ValueError) as error:
-        print(f"vlsae {args.command}: error: {error}", file=sys.stderr)
+        progress.echo(f"vlsae {args.command}: error: {error}", error=True)
         return 2
+    except Exception as error:
+        if log_path is None:
+            raise
+        logging.getLogger("vlsae").exception("vlsae %s failed", args.command)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        progress.echo(
+            f"vlsae {args.command}: failed: {type(error).__name__}: {first_line} (see {log_path})", True
+        )
+        return 1
     return 0
 
 

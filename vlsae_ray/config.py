@@ -372,15 +372,33 @@ class LabelConfig(SAETasksConfig):
         description="URI of an image-embedding dataset over the same items (e.g. hook `visual`), for "
         "naming by top images",
     )
-    naming: Literal["auto", "top_images", "decoder", "none"] = Field(
+    naming: Literal["auto", "activations", "clip_dissect", "top_images", "decoder", "none"] = Field(
         "auto",
-        description="top_images: compare the vocabulary with the mean embedding of each latent's top "
-        "images (needs `embeddings`); decoder: with its decoder direction (only for an SAE trained on "
-        "the embedding itself, e.g. hook `visual`); none: no names; auto: top_images when `embeddings` "
-        "is set, else none",
+        description="activations: correlate each latent's activations over the whole dataset with each "
+        "concept's zero-shot pattern (calibrated confidence, unnamed when unsure); clip_dissect: "
+        "CLIP-Dissect's SoftWPMI over its top images; top_images: the mean embedding of its top images; "
+        "these need `embeddings`. decoder: its decoder direction (only for an SAE trained on the "
+        "embedding itself, e.g. hook `visual`); none: no names; auto: activations when `embeddings` is "
+        "set, else none",
     )
     vocabulary: str | None = Field(
-        None, description="URI of a text file of concepts, one per line; default: the packaged vocabulary"
+        None,
+        description="URI of a text file of concepts, one per line; default: the packaged vocabulary; "
+        "`world`: the concept world's concepts alone",
+    )
+    heldout_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="share of the items (by a hash of their id) kept out of naming, on which each name's "
+        "held-out AUROC is measured",
+    )
+    min_confidence: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="naming activations: a latent whose best concept has a lower calibrated confidence "
+        "stays unnamed (name null)",
     )
     prompts: list[str] = Field(
         ["a photo of {}.", "an image showing {}.", "{}"],
@@ -399,8 +417,8 @@ class LabelConfig(SAETasksConfig):
 
     @model_validator(mode="after")
     def _check_naming(self) -> LabelConfig:
-        if self.naming == "top_images" and self.embeddings is None:
-            raise ValueError("naming 'top_images' needs `embeddings`: an image-embedding dataset URI")
+        if self.naming in ("activations", "clip_dissect", "top_images") and self.embeddings is None:
+            raise ValueError(f"naming {self.naming!r} needs `embeddings`: an image-embedding dataset URI")
         for prompt in self.prompts:
             if prompt.count("{}") != 1:
                 raise ValueError(f"prompt {prompt!r} must hold exactly one {{}} where the concept goes")
@@ -409,7 +427,7 @@ class LabelConfig(SAETasksConfig):
     @property
     def naming_method(self) -> str:
         if self.naming == "auto":
-            return "top_images" if self.embeddings is not None else "none"
+            return "activations" if self.embeddings is not None else "none"
         return self.naming
 
 

@@ -56,10 +56,11 @@ def world_sae():
             pixels = torch.stack([backbone.preprocess(item.image) for item in items])
             acts = backbone.activations([BLOCK, EMBEDDING], pixels=pixels, item_ids=[i.id for i in items])
         x_nd, embeddings_ne = acts[BLOCK].values, acts[EMBEDDING].values
+        # the demo's recipe (demo.py): few dead latents on 2048 items
         sae = build_sae(
-            {"architecture": "topk", "d_in": x_nd.shape[1], "n_latents": 8 * x_nd.shape[1], "k": 16}
+            {"architecture": "topk", "d_in": x_nd.shape[1], "n_latents": 8 * x_nd.shape[1], "k": 40}
         )
-        fit_local(sae, x_nd, batch_size=256, epochs=10, seed=0)
+        fit_local(sae, x_nd, batch_size=256, epochs=10, seed=0, lr=8e-4)
         with torch.no_grad():
             z_nf = sae.encode(x_nd)
     finally:

@@ -55,7 +55,11 @@ def reference(x, spec):
     torch.manual_seed(0)
     sae = build_sae(spec["sae"])
     trainer = SAETrainer(
-        sae, total_steps=spec["steps"], lr=spec["lr"], sample=x[:256], dead_tokens_threshold=spec["dead"],
+        sae,
+        total_steps=spec["steps"],
+        lr=spec["lr"],
+        sample=x[:256],
+        dead_tokens_threshold=spec["dead"],
         precision=spec["precision"],
     )
     metrics = [trainer.step(x[s * spec["batch"] : (s + 1) * spec["batch"]]) for s in range(spec["steps"])]
@@ -95,7 +99,12 @@ def test_distributed_training_matches_one_process(
     if architecture == "matryoshka_batchtopk":
         sae["group_fractions"] = [0.25, 0.75]
     spec = {
-        "sae": sae, "steps": STEPS, "batch": BATCH, "dead": DEAD, "lr": LR, "zero_stage": zero_stage,
+        "sae": sae,
+        "steps": STEPS,
+        "batch": BATCH,
+        "dead": DEAD,
+        "lr": LR,
+        "zero_stage": zero_stage,
         "precision": precision,
     }
     expected_metrics, expected_state, expected_z = reference(x, spec)

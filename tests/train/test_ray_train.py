@@ -283,9 +283,7 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
     ddp = train_config(root, zero.output, **{**zero_options, "zero_stage": None})
     ddp_trainer = SAETrainer(build_sae(zero.sae), total_steps=total)
     with pytest.raises(ValueError, match="training.zero_stage was 2, now null"):
-        checkpoint.restore(
-            zero.output, [(zero.output, ddp_trainer)], checkpoint.run_fields(ddp)
-        )
+        checkpoint.restore(zero.output, [(zero.output, ddp_trainer)], checkpoint.run_fields(ddp))
 
     # A DDP job killed midway and submitted again.
     config = train_config(root, str(tmp_path / "killed"), **options)
@@ -329,7 +327,10 @@ def test_bf16_training_through_ray_train_is_the_one_process_bf16_step(ray_cluste
         torch.manual_seed(config.training.seed)  # as the worker builds its SAE
         sae = build_sae(config.sae)
         trainer = SAETrainer(
-            sae, total_steps=stream.steps_in_epoch(0), lr=1e-3, precision=precision,
+            sae,
+            total_steps=stream.steps_in_epoch(0),
+            lr=1e-3,
+            precision=precision,
             sample=stream.init_sample(INIT_SAMPLES)[0],
         )
         metrics = [trainer.step(x) for x in stream.epoch(0)]

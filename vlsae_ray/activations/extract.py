@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from vlsae_ray import storage
+from vlsae_ray import progress, storage
 from vlsae_ray.activations import store
 from vlsae_ray.activations.sources import BadInputError, Item, list_items, read_images
 from vlsae_ray.backbones import hook_dims, image_preprocessor, load_backbone, required_inputs
@@ -300,6 +300,7 @@ def _commit_as_written(ds, datasets: dict[str, str], manifests: dict[str, store.
             # skipped items were logged where they were found; their counts go into the summary
             hook, record = str(row["hook"]), store.ShardRecord.model_validate_json(row["record"])
             manifests[hook] = store.commit(datasets[hook], manifests[hook], [record])
+            progress.advance()
     except BadInputError as error:  # Ray's wrapper also carries the task's traceback: keep the message
         raise BadInputError(str(getattr(error, "cause", error))) from None
 
@@ -357,7 +358,8 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
             fn_kwargs={"datasets": datasets, "dims": dims, "committed": committed, "dtype": config.dtype},
             batch_size=1,
         )
-        _commit_as_written(ds, datasets, manifests)
+        with progress.stage("extract", len(tasks) * len(datasets), "shards"):
+            _commit_as_written(ds, datasets, manifests)
     skipped_items: dict[str, int] = {}
     for skipped in next(iter(manifests.values())).shards.skipped.values():
         for reason, ids in skipped.items():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vlsae_ray import progress
 from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import shard_offsets
 from vlsae_ray.devices import assigned_device
@@ -211,7 +212,11 @@ def _shard_dataset(plan: PassPlan):
 
 
 def _reduce(ds) -> list:
-    return [pickle.loads(row["partial"]) for row in ds.iter_rows()]
+    partials = []
+    for row in ds.iter_rows():
+        partials.append(pickle.loads(row["partial"]))
+        progress.advance()
+    return partials
 
 
 def first_pass(plan: PassPlan) -> FirstPass:

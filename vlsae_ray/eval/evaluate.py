@@ -19,7 +19,7 @@ import math
 import torch
 from pydantic import BaseModel
 
-from vlsae_ray import storage
+from vlsae_ray import progress, storage
 from vlsae_ray.activations import store
 from vlsae_ray.config import EvaluateConfig
 from vlsae_ray.devices import gpu_request
@@ -99,6 +99,21 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
         cpus_per_task=config.cpus_per_task,
         gpus_per_task=gpus,
     )
+    with progress.stage("evaluate", _tasks(config, plan), "tasks"):
+        return _evaluate(config, plan, sae, manifest)
+
+
+def _tasks(config: EvaluateConfig, plan: PassPlan) -> int:
+    """Evaluate's steps: the shard tasks of each pass, then the zero-shot check."""
+    tasks = -(-len(store.read_manifest(config.activations).shards) // plan.shards_per_task)
+    vl_text = 0
+    if config.text_activations and plan.keep_vectors:  # a VL-SAE's text pass
+        vl_text = -(-len(store.read_manifest(config.text_activations).shards) // plan.shards_per_task)
+    return tasks * (1 + bool(config.embeddings)) + vl_text + (config.zero_shot is not None)
+
+
+def _evaluate(config: EvaluateConfig, plan: PassPlan, sae, manifest) -> EvaluateSummary:
+    is_vlsae = isinstance(sae.config, VLSAEConfig)
     first = first_pass(plan)
     stats = first.stats[config.sae]
     summary = EvaluateSummary(
@@ -143,6 +158,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateSummary:
         hook_point = config.zero_shot.hook_point or manifest.hook_point
         token = splice_token(manifest.token)
         summary.zero_shot = zero_shot_with_sae(config.zero_shot, hook_point, sae, token)
+        progress.advance()
     else:
         summary.notes.append("zero-shot skipped: no `zero_shot` task configured")
 

@@ -49,6 +49,24 @@ def ms_histogram(ms_latents: np.ndarray, ms_neurons: np.ndarray) -> bytes:
     return to_png(fig)
 
 
+def reliability(rows: list[tuple[float, float, int, float, float]]) -> bytes:
+    """A reliability diagram: per confidence bin (low, high, names, mean confidence, share right), the
+    share of names that are right against their mean confidence; the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=PLOT_SIZE)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+    ax.plot([r[3] for r in rows], [r[4] for r in rows], "o-", label="names")
+    for _, _, count, mean, share in rows:
+        ax.annotate(f"n={count}", (mean, share), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence (mean over the bin)")
+    ax.set_ylabel("share of names right (ground truth)")
+    ax.set_title("Reliability of latent names")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return to_png(fig)
+
+
 def fvu_vs_l0(points: list[tuple[str, float, float]]) -> bytes:
     """One point per checkpoint: (label, L0, FVU)."""
     fig, ax = plt.subplots(figsize=PLOT_SIZE)

@@ -1,14 +1,18 @@
 """The concept catalog: one parquet file per label run, one row per (SAE checkpoint, latent).
 
 Columns: `sae` (the checkpoint's URI) and `sae_sha256` (of its weights file, so a catalog row
-names the exact checkpoint even after the URI is overwritten), `latent`, `name`, `runner_up`,
-`similarity` (cosine of the latent's direction and its name), `confidence` (softmax probability
-of the name over the vocabulary), `firing_count` (rows on which the latent is positive),
-`top_source_ids` and `top_activations` (its top-k rows, largest first, positive activations
-only), for a VL-SAE `top_captions` and `top_caption_activations` (its top-k text rows), and
-`steerability` (written by the steer job: its best flip rate times hold rate, null until measured).
-Naming columns are null when the run did not name latents or the latent never fired. The file's
-metadata records the label config.
+names the exact checkpoint even after the URI is overwritten), `latent`, `name` (null where the
+latent is unnamed: no concept of the vocabulary explains it), `runner_up`, `similarity` (the
+naming method's score of the best concept: correlation, SoftWPMI or cosine), `confidence` (for
+naming `activations` the calibrated probability that the name is right, else the softmax
+probability of the name over the vocabulary), `heldout_auroc` (how well the name's zero-shot score
+predicts where the latent fires on held-out images; 0.5 is no better than chance), `naming` (the
+method), `firing_count` (rows on which the latent is positive), `top_source_ids` and
+`top_activations` (its top-k rows, largest first, positive activations only), for a VL-SAE
+`top_captions` and `top_caption_activations` (its top-k text rows), and `steerability` (written by
+the steer job: its best flip rate times hold rate, null until measured). Naming columns are null when
+the run did not name latents or the latent never fired. The file's metadata records the label
+config. See `vlsae_ray.interpret.naming` for the methods.
 
 Written through `vlsae_ray.storage` (local, file:// or s3://) and queryable with DuckDB, e.g.
 
@@ -37,6 +41,8 @@ SCHEMA = pa.schema(
         ("runner_up", pa.string()),
         ("similarity", pa.float32()),
         ("confidence", pa.float32()),
+        ("heldout_auroc", pa.float32()),
+        ("naming", pa.string()),
         ("firing_count", pa.int64()),
         ("top_source_ids", pa.list_(pa.string())),
         ("top_activations", pa.list_(pa.float32())),

@@ -1,30 +1,51 @@
-"""Naming latents: the vocabulary concept whose CLIP text embedding is nearest the latent's direction.
+"""Naming latents: the vocabulary concept that explains where a latent fires.
 
-A latent's direction lives in the image-embedding space of a CLIP (the space its text embeddings
-share), found one of two ways (the label config's `naming`):
+Four methods (the label config's `naming`), each comparing the latent with every concept of a
+vocabulary through a CLIP that shares an image and a text space:
 
+- `activations` (the default): the latent's activation pattern over the whole dataset against each
+  concept's zero-shot pattern, the log-probability CLIP's zero-shot classifier gives the concept on
+  each image (log softmax over the vocabulary at the model's logit scale, Radford et al. 2021, sec.
+  3.1.2). The score is their Pearson correlation over the images, computed from streamed sums
+  (`PatternSums`), so it sees every image a latent fires on, weakly or strongly, and every image
+  it stays silent on. This is CLIP-Dissect's idea (Oikarinen and Weng, ICLR 2023: match a neuron's
+  activation pattern with a concept's CLIP similarity pattern) with the whole dataset in place of
+  the top images. For a VL-SAE on CLIP embeddings its caption rows join the image rows, each
+  against the concepts' pattern over the caption embeddings, so its names use its captions too.
+- `clip_dissect`: CLIP-Dissect's SoftWPMI over the latent's top-k images (`clip_dissect_scores`).
 - `top_images`: the mean unit image embedding of the latent's top-k images minus the mean unit
-  embedding of all images, i.e. what its top images have that images in general do not. Needs an
-  image-embedding dataset over the same items (e.g. hook `visual`). Subtracting the dataset mean
-  removes the component every image shares (in CLIP a large one, plus the gap between the image
-  and the text cone), which otherwise pulls every latent towards the same few names.
+  embedding of all images, i.e. what its top images have that images in general do not, compared
+  with each concept's text embedding by cosine. Subtracting the dataset mean removes the component
+  every image shares (in CLIP a large one, plus the gap between the image and the text cone).
 - `decoder`: the latent's decoder direction, when the SAE was trained on the embedding space
   itself (its activation dataset is hook `visual`): the decoder row is already a difference from
   the decoder bias, so it needs no centring. For a VL-SAE, its vision decoder.
 
 Each concept's text embedding is the normalised mean of its prompts' unit embeddings, one prompt
 per template (prompt ensembling, Radford et al. 2021, sec. 3.1.4). The name is the concept with
-the highest cosine; the runner-up is the second.
+the highest score; the runner-up is the second.
 
-Confidence: the softmax probability of the name over the whole vocabulary at the model's own
-learned logit scale (CLIP's zero-shot classifier probability, Radford et al. 2021, sec. 3.1.2). It
-is in [0, 1] and comparable across latents; it falls when the runner-up is close (a small margin)
-and also when many concepts are close, which a bare best-minus-second margin misses, and it
-uses the temperature the model was trained with instead of one we would have to pick.
+Every name is checked on held-out images (a fold of the items the names were not chosen on):
+`heldout_auroc` is the AUROC of the named concept's zero-shot score against the latent's firing,
+0.5 for a name that says nothing about where the latent fires, 1 for one that separates its firing
+images from the rest (Neuronpedia's idea of scoring an explanation by how well it predicts the
+activations).
+
+Confidence: for `activations`, the probability that the name is right, a logistic function of the
+held-out AUROC and the correlation's margin over the runner-up (`calibrated_confidence`), fitted on
+the concept world's ground truth; a latent whose best concept falls below the label config's
+`min_confidence` stays unnamed (its name is null) rather than get a confident wrong name; so does
+one that never fires on the held-out fold (nothing to check its name on). On the concept world the
+confidence is calibrated on the seed it was fitted on and 5-10 points over-confident on a held-out
+seed and split (benchmarks/README.md). For the
+other methods it is the softmax probability of the name over the vocabulary at the model's logit
+scale (top_images, decoder) or over the SoftWPMI scores (clip_dissect): comparable across latents,
+not calibrated.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,15 +55,21 @@ from vlsae_ray import storage
 from vlsae_ray.config import BackboneConfig
 
 DEFAULT_VOCABULARY = Path(__file__).with_name("vocabulary.txt")
+# The concept world's own concepts (colours, shapes, sizes, ...), one phrase each: `vocabulary: world`.
+WORLD_VOCABULARY = Path(__file__).with_name("world_vocabulary.txt")
 
 
 def load_vocabulary(uri: str | None = None) -> list[str]:
     """The concepts of a vocabulary file (one per line; `#` comments and blank lines skipped).
 
     None: the default vocabulary that ships with the package (general visual concepts and the
-    concept world's colours, shapes, sizes, patterns, counts, positions and backgrounds).
+    concept world's colours, shapes, sizes, patterns, counts, positions and backgrounds); "world":
+    the concept world's part of it alone.
     """
-    text = DEFAULT_VOCABULARY.read_text() if uri is None else storage.read_text(uri)
+    if uri is None or uri == "world":
+        text = (DEFAULT_VOCABULARY if uri is None else WORLD_VOCABULARY).read_text()
+    else:
+        text = storage.read_text(uri)
     concepts = [line.strip() for line in text.splitlines()]
     concepts = [concept for concept in concepts if concept and not concept.startswith("#")]
     where = "the default vocabulary" if uri is None else f"vocabulary {uri!r}"
@@ -85,8 +112,8 @@ def concept_embeddings(encoder: TextEncoder, concepts: list[str], prompts: list[
 class Names(NamedTuple):
     name: list[str | None]  # None: a latent without a direction (it never fired)
     runner_up: list[str | None]
-    similarity: torch.Tensor  # [F] cosine of the direction and the name (NaN without a name)
-    confidence: torch.Tensor  # [F] softmax probability of the name over the vocabulary
+    similarity: torch.Tensor  # [F] the method's score of the name: cosine, correlation or SoftWPMI
+    confidence: torch.Tensor  # [F] the name's confidence (module docstring); NaN without a name
 
 
 def top_image_directions(
@@ -128,3 +155,129 @@ def name_latents(
         similarity=torch.where(has_direction_f, best_f2.values[:, 0], nan),
         confidence=torch.where(has_direction_f, confidence_f, nan),
     )
+
+
+def zero_shot_log_probability(
+    unit_nd: torch.Tensor, concepts_vd: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
+    """[N, V] log-probability of each concept for each unit embedding under CLIP's zero-shot classifier."""
+    return (logit_scale * unit_nd.float() @ concepts_vd.T).log_softmax(-1)
+
+
+def in_heldout_fold(source_id: str, fraction: float) -> bool:
+    """Whether an item belongs to the held-out fold: a stable hash of its id, the same on every run."""
+    digest = int.from_bytes(hashlib.sha256(source_id.encode()).digest()[:8], "big")
+    return digest < fraction * 2**64
+
+
+class PatternSums(NamedTuple):
+    """Sums over rows from which the correlation of F latents with V concept patterns follows."""
+
+    rows: torch.Tensor  # [] rows summed
+    z_f: torch.Tensor  # sum of each latent's activation
+    zz_f: torch.Tensor  # sum of its square
+    s_v: torch.Tensor  # sum of each concept's pattern
+    ss_v: torch.Tensor  # sum of its square
+    zs_fv: torch.Tensor  # sum of their products
+
+    @classmethod
+    def of(
+        cls,
+        rows_n: torch.Tensor,
+        latents_n: torch.Tensor,
+        values_n: torch.Tensor,
+        s_rv: torch.Tensor,
+        n_latents: int,
+    ) -> PatternSums:
+        """The sums of R rows, from their latents as (row, latent, value) entries, zero elsewhere."""
+        s, values = s_rv.double(), values_n.double()
+        z_f, zz_f = torch.zeros(n_latents, dtype=torch.float64), torch.zeros(n_latents, dtype=torch.float64)
+        zs_fv = torch.zeros(n_latents, s.shape[1], dtype=torch.float64)
+        z_f.index_add_(0, latents_n, values)
+        zz_f.index_add_(0, latents_n, values**2)
+        zs_fv.index_add_(0, latents_n, values[:, None] * s[rows_n])
+        return cls(
+            torch.tensor(float(s.shape[0]), dtype=torch.float64), z_f, zz_f, s.sum(0), (s**2).sum(0), zs_fv
+        )
+
+    def __add__(self, other: PatternSums) -> PatternSums:  # type: ignore[override]
+        return PatternSums(*(a + b for a, b in zip(self, other, strict=True)))
+
+    def correlation(self) -> torch.Tensor:
+        """[F, V] Pearson correlation of each latent with each concept over the rows; NaN where either is
+        constant (a latent that never fired)."""
+        n = self.rows.clamp_min(1)
+        cov_fv = self.zs_fv / n - (self.z_f / n)[:, None] * (self.s_v / n)[None]
+        var_f = (self.zz_f / n - (self.z_f / n) ** 2).clamp_min(0)
+        var_v = (self.ss_v / n - (self.s_v / n) ** 2).clamp_min(0)
+        r_fv = cov_fv / (var_f[:, None] * var_v[None]).sqrt()
+        return torch.where((var_f[:, None] > 0) & (var_v[None] > 0), r_fv, float("nan")).float()
+
+
+def clip_dissect_scores(
+    top_log_p_kfv: torch.Tensor, valid_kf: torch.Tensor, mean_p_v: torch.Tensor, lam: float = 1.0
+) -> torch.Tensor:
+    """[F, V] CLIP-Dissect's SoftWPMI of each latent's top-k images and each concept.
+
+    Oikarinen and Weng (ICLR 2023), sec. 3 and their `soft_wpmi`: the top images form a soft set,
+    the i-th in with probability falling linearly from 0.998 to 0.97; the probability that the set
+    holds concept t is 1 - prod_i (1 - p_i p(t|x_i)); SoftWPMI is its log minus lam log p(t), where
+    p(t) is the concept's mean probability over all images. Rows that are not valid top images
+    (the latent fired on fewer than k) take no part.
+    """
+    k = top_log_p_kfv.shape[0]
+    in_set_k = torch.linspace(0.998, 0.97, k) if k > 1 else torch.tensor([0.998])
+    weight_kf = in_set_k[:, None] * valid_kf.float()
+    absent_fv = torch.prod(1 - weight_kf[..., None] * top_log_p_kfv.exp(), dim=0)
+    return (1 - absent_fv).clamp_min(1e-7).log() - lam * mean_p_v.clamp_min(1e-7).log()[None]
+
+
+def heldout_auroc(
+    s_nv: torch.Tensor, rows_n: torch.Tensor, latents_n: torch.Tensor, concept_f: torch.Tensor
+) -> torch.Tensor:
+    """[F] AUROC of the named concept's zero-shot score against the latent's firing on held-out rows.
+
+    `s_nv`: the concepts' scores on the N held-out rows; (rows_n, latents_n): where each latent
+    fires (at most once per row and latent); `concept_f`: each latent's named concept (-1: none).
+    By the rank-sum form (Mann-Whitney U / (n1 n0)); NaN where a latent has no name or fires on
+    none or all of the rows.
+    """
+    n_rows, n_latents = s_nv.shape[0], concept_f.shape[0]
+    ranks_nv = s_nv.argsort(0).argsort(0).double() + 1
+    named_n = concept_f[latents_n] >= 0
+    rows_n, latents_n = rows_n[named_n], latents_n[named_n]
+    rank_sum_f = torch.zeros(n_latents, dtype=torch.float64)
+    rank_sum_f.index_add_(0, latents_n, ranks_nv[rows_n, concept_f[latents_n]])
+    fired_f = torch.bincount(latents_n, minlength=n_latents).double()
+    auroc_f = (rank_sum_f - fired_f * (fired_f + 1) / 2) / (fired_f * (n_rows - fired_f))
+    defined_f = (concept_f >= 0) & (fired_f > 0) & (fired_f < n_rows)
+    return torch.where(defined_f, auroc_f, float("nan")).float()
+
+
+def names_from_scores(scores_fv: torch.Tensor, vocabulary: list[str]) -> tuple[Names, torch.Tensor]:
+    """(the best and second concept of each latent's row of scores, the margin between their scores);
+    a row of NaN (a latent that never fired) gets no name. Confidence is NaN (the caller sets it)."""
+    live_f = ~scores_fv.isnan().all(-1)
+    best_f2 = scores_fv.nan_to_num(float("-inf")).topk(2, dim=-1)
+
+    def concept(rank: int) -> list[str | None]:
+        indices = best_f2.indices[:, rank].tolist()
+        return [vocabulary[i] if ok else None for i, ok in zip(indices, live_f.tolist(), strict=True)]
+
+    nan = torch.tensor(float("nan"))
+    score_f = torch.where(live_f, best_f2.values[:, 0], nan)
+    margin_f = torch.where(live_f, best_f2.values[:, 0] - best_f2.values[:, 1], nan)
+    return Names(concept(0), concept(1), score_f, nan.expand(len(live_f)).clone()), margin_f
+
+
+# Logistic calibration of `activations` names, P(right) = sigmoid(bias + w_auroc AUROC + w_margin margin),
+# fitted on the concept world's ground truth (`benchmarks/naming.py --fit`: the default seed's latents
+# of the demo recipe's SAE; a name is right when at least 8 of the latent's 9 top images hold it).
+CALIBRATION = {"bias": -2.6, "auroc": 3.93, "margin": 14.06}
+
+
+def calibrated_confidence(auroc_f: torch.Tensor, margin_f: torch.Tensor) -> torch.Tensor:
+    """[F] probability that an `activations` name is right, from its held-out AUROC and the margin of
+    its correlation over the runner-up's (a name barely ahead of another concept is a guess)."""
+    weights = CALIBRATION
+    return torch.sigmoid(weights["bias"] + weights["auroc"] * auroc_f + weights["margin"] * margin_f)

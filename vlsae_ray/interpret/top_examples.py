@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from vlsae_ray import progress
 from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import shard_dataset
 from vlsae_ray.devices import assigned_device
@@ -84,6 +85,7 @@ def top_examples(dataset: str, sae_uri: str, k: int, batch_size: int = 1024, gpu
         top.merge(torch.tensor(result["values_kf"]), torch.tensor(result["rows_kf"]))
         firing_f += torch.tensor(result["firing_f"])
         source_ids.update({int(row): name for row, name in json.loads(str(result["source_ids"])).items()})
+        progress.advance()
     kept = min(k, manifest.rows)
     rows_kf = top.rows_kf[:kept]
     return TopExamples(

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from vlsae_ray import storage
+from vlsae_ray import progress, storage
 from vlsae_ray.activations.reader import ActivationStream, StreamPosition, check_training_data
 from vlsae_ray.config import TrainConfig
 from vlsae_ray.local_stack import connect_ray
@@ -144,6 +144,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for x_bd in stream.epoch(epoch, start_step=step_in_epoch):  # one read of the data for every SAE
             metrics = [trainer.step(x_bd, stream.modality_b) for _, trainer in runs]
             steps, step_in_epoch = steps + 1, step_in_epoch + 1
+            if rank == 0 and loop_config.get("progress") is not None:
+                loop_config["progress"].set.remote(steps)  # the CLI's progress bar
             if training.checkpoint_every and steps % training.checkpoint_every == 0:
                 reached = StreamPosition(epoch, step_in_epoch)
                 checkpoint.save(
@@ -192,9 +194,6 @@ def _named(config: TrainConfig, metrics: list[dict[str, float]]) -> dict[str, fl
 
 def run_train(config: TrainConfig) -> TrainSummary:
     """Fit the configured SAE on the activation dataset with a Ray Train TorchTrainer."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     # Ray Train workers run in their own folder: a relative local path means the driver's.
     paths = {"activations": config.activations, "output": config.output}
     paths["text_activations"] = config.text_activations
@@ -222,12 +221,31 @@ def run_train(config: TrainConfig) -> TrainSummary:
     run_fields = checkpoint.run_fields(config)
     checkpoint.check_resume(config.output, run_fields)  # a resume of another run would go on wrongly
     connect_ray()
+    total_steps = sum(stream.steps_in_epoch(epoch) for epoch in range(config.training.epochs))
+    with progress.stage("train", total_steps, "steps"), progress.remote_counter() as counter:
+        _fit(config, stream, run_fields, workers, counter)
+    results = [read_run_info(output)["results"] for output, _ in config.sae_runs()]
+    summary = ("steps", "samples", "samples_per_second")  # the same for every SAE of the job
+    return TrainSummary(
+        output=config.output,
+        steps=int(results[0].get("steps", 0)),
+        samples=int(results[0].get("samples", 0)),
+        samples_per_second=float(results[0].get("samples_per_second", 0.0)),
+        metrics=_named(config, [{k: v for k, v in r.items() if k not in summary} for r in results]),
+    )
+
+
+def _fit(config: TrainConfig, stream: ActivationStream, run_fields: dict, workers: int, counter) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "init_sample": stream.init_sample(INIT_SAMPLES),
             "run_fields": run_fields,
+            "progress": counter,
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -244,12 +262,3 @@ def run_train(config: TrainConfig) -> TrainSummary:
         ),
     )
     trainer.fit()
-    results = [read_run_info(output)["results"] for output, _ in config.sae_runs()]
-    progress = ("steps", "samples", "samples_per_second")  # the same for every SAE of the job
-    return TrainSummary(
-        output=config.output,
-        steps=int(results[0].get("steps", 0)),
-        samples=int(results[0].get("samples", 0)),
-        samples_per_second=float(results[0].get("samples_per_second", 0.0)),
-        metrics=_named(config, [{k: v for k, v in r.items() if k not in progress} for r in results]),
-    )
