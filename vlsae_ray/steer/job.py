@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel
 
-from vlsae_ray import storage
+from vlsae_ray import progress, storage
 from vlsae_ray.backbones import load_backbone
 from vlsae_ray.backbones.backbone import LIBRARIES
 from vlsae_ray.config import SteerConfig
@@ -136,7 +137,8 @@ def run_steer(config: SteerConfig) -> SteerSummary:
     gpus = gpu_request(
         config.backbone.device, config.gpus_per_actor, "steering's model actors", "gpus_per_actor"
     )
-    ds = ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs) // config.batch_size))
+    blocks = math.ceil(len(pairs) / config.batch_size)
+    ds = ray.data.from_items(pairs, override_num_blocks=blocks)
     ds = ds.map_batches(
         _SteerActor,
         fn_constructor_args=(config, families),
@@ -145,7 +147,12 @@ def run_steer(config: SteerConfig) -> SteerSummary:
         num_gpus=gpus,
         batch_format="numpy",
     )
-    rows = ds.take_all()
+    rows = []
+    with progress.stage("steer", blocks, "batches"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch["latent"])
+            rows += [{key: _plain(batch[key][i]) for key in COLUMNS} for i in range(n)]
+            progress.advance()
     summary = summarize(rows)
     if llava:
         summary["steering_score"] = _score(summary.pop("probes"), catalog, latents)
