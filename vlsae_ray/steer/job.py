@@ -29,7 +29,7 @@ from vlsae_ray.backbones import load_backbone
 from vlsae_ray.backbones.backbone import LIBRARIES
 from vlsae_ray.config import SteerConfig
 from vlsae_ray.devices import assigned_device, gpu_request
-from vlsae_ray.interpret.catalog import read_catalog, write_catalog
+from vlsae_ray.interpret.catalog import SCHEMA, read_catalog, write_catalog
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
 from vlsae_ray.sae import SparseAutoencoder
@@ -196,8 +196,13 @@ def _score(probes: dict, catalog: pa.Table, latents) -> dict:
 
 
 def _write_steerability(uri: str, catalog: pa.Table, steerability: dict[int, float]) -> None:
-    """The catalog with `steerability` set for the measured latents (others null), replaced whole."""
-    columns = {name: catalog.column(name).to_pylist() for name in catalog.column_names}
+    """The catalog with `steerability` set for the measured latents (others null), replaced whole;
+    columns an older catalog lacks are written as nulls."""
+    present = set(catalog.column_names)
+    columns = {
+        name: catalog.column(name).to_pylist() if name in present else [None] * catalog.num_rows
+        for name in SCHEMA.names
+    }
     columns["steerability"] = [steerability.get(latent) for latent in columns["latent"]]
     metadata = catalog.schema.metadata or {}
     config = json.loads(metadata.get(b"vlsae_label_config", b"{}"))
