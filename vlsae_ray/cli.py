@@ -194,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     llava_train.add_argument("--out", required=True, help="folder to save the model and processor in")
     llava_train.add_argument("--seed", type=int, default=0)
     llava_train.add_argument("--steps", type=int, help="default: the committed model's")
-    llava_train.add_argument("--threads", type=int, default=2)
+    llava_train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; the committed model used 1 (see train_llava.py)",
+    )
     llava_eval = world_commands.add_parser(
         "eval-llava", help="the world LLaVA's held-out accuracy per question type"
     )

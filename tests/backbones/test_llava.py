@@ -66,7 +66,7 @@ def test_language_means_equal_hidden_states_of_each_prompt_alone(backbone, image
     finally:
         model.language_model.norm = norm
     for name in hooks:
-        assert rows[name].values.shape == (2, 128)
+        assert rows[name].values.shape == (2, backbone.model.config.text_config.hidden_size)
 
 
 def test_hook_points_dims_and_errors(backbone, images):
@@ -78,13 +78,15 @@ def test_hook_points_dims_and_errors(backbone, images):
     assert required_inputs(backbone.config, ["language_model.layers.0:image_mean"]) == {"pixels", "texts"}
     dims = hook_dims(backbone.config, list(points))
     assert {dims[name] for name in points if name.startswith("vision_tower.")} == {96}
-    assert {dims[name] for name in points if name.startswith("language_model.")} == {128}
+    text = backbone.model.config.text_config
+    assert {dims[name] for name in points if name.startswith("language_model.")} == {text.hidden_size}
+    last = text.num_hidden_layers - 1
     with pytest.raises(
         ValueError,
-        match=r"'language_model.layers.4:text_mean' is not in this model; valid "
-        r"hook points: vision_tower.encoder.layers.0, .*language_model.layers.3:text_mean$",
+        match=rf"'language_model.layers.{last + 1}:text_mean' is not in this model; valid "
+        rf"hook points: vision_tower.encoder.layers.0, .*language_model.layers.{last}:text_mean$",
     ):
-        hook_dims(backbone.config, ["language_model.layers.4:text_mean"])
+        hook_dims(backbone.config, [f"language_model.layers.{last + 1}:text_mean"])
     with pytest.raises(ValueError, match=r"'language_model.layers.0:text_mean' reads texts, but texts=None"):
         backbone.activations(
             ["language_model.layers.0:text_mean"], pixels=backbone.pixels(images(1)), item_ids=["a"]

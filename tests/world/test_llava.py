@@ -1,8 +1,6 @@
 """The committed world LLaVA: loaded as a user's LLaVA, its vision tower the world CLIP's, and its
 held-out answers right as often as the README says."""
 
-import time
-
 import pytest
 import torch
 
@@ -101,22 +99,28 @@ def test_batched_answers_equal_answers_one_by_one(models):
         answer(llava, processor, images, questions[:2])
 
 
-# Held-out goals of issue 14 (shape and colour >= 0.9, yes/no >= 0.85) on 150 held-out items.
-GOALS = {
-    "shape": 0.9,
-    "colour": 0.9,
-    "one_word": 0.9,
-    "pope_random": 0.85,
-    "pope_popular": 0.85,
-    "pope_adversarial": 0.85,
+# The README's table (`vlsae world eval-llava --n 500 --seed 0`), and issue 14's held-out goals:
+# shape and colour >= 0.9, yes/no >= 0.85. Items and greedy answers are deterministic, so this
+# is that measurement again; the tolerance allows for another CPU flipping a near-tie argmax.
+README_TABLE = {
+    "shape": 0.91,
+    "colour": 0.976,
+    "size": 0.962,
+    "position": 1.0,
+    "count": 0.998,
+    "pattern": 0.27,
+    "background": 1.0,
+    "one_word": 0.91,
+    "describe": 0.224,
+    "pope_random": 0.983,
+    "pope_popular": 0.958,
+    "pope_adversarial": 0.966,
 }
+GOALS = {"shape": 0.9, "colour": 0.9, "pope_random": 0.85, "pope_popular": 0.85, "pope_adversarial": 0.85}
 
 
-def test_held_out_accuracy_meets_the_goals():
-    start = time.perf_counter()
-    accuracy = evaluate_world_llava(150, seed=7, threads=2)
-    elapsed = time.perf_counter() - start
-    assert set(accuracy) >= set(GOALS) | {"count", "size", "position", "background", "pattern", "describe"}
+def test_held_out_accuracy_is_the_readmes_and_meets_the_goals():
+    accuracy = evaluate_world_llava(500, seed=0, threads=2)
+    assert accuracy == pytest.approx(README_TABLE, abs=0.006)  # 3 of 500 answers
     for question_type, goal in GOALS.items():
         assert accuracy[question_type] >= goal, (question_type, accuracy)
-    assert elapsed < 60, elapsed

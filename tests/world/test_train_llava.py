@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vlsae_ray.world.llava import build_world_llava, load_world_llava
@@ -32,9 +33,22 @@ def test_packed_questions_get_the_logits_of_each_question_alone():
             torch.testing.assert_close(mine, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_training_refuses_a_warmup_as_long_as_the_run(tmp_path):
+    with pytest.raises(ValueError, match="warmup=100 must be at least 0 and below steps=40"):
+        train_world_llava(tmp_path, steps=40)
+
+
 def test_short_training_lowers_the_loss_and_saves_a_loadable_llava(tmp_path):
     result = train_world_llava(
-        tmp_path / "llava", n_images=48, steps=40, batch_size=4, text_hidden=32, text_layers=1, log_every=0
+        tmp_path / "llava",
+        n_images=48,
+        steps=40,
+        batch_size=4,
+        lr=1e-2,
+        warmup=5,
+        text_hidden=32,
+        text_layers=1,
+        log_every=0,
     )
     assert result.final_loss < 0.6 * result.first_loss, result
     model, processor = load_world_llava(tmp_path / "llava")

@@ -196,7 +196,7 @@ def build_tokenizer():
 
 
 def build_world_llava(
-    checkpoint=CHECKPOINT_PATH, *, seed: int = 0, text_hidden: int = 128, text_layers: int = 4
+    checkpoint=CHECKPOINT_PATH, *, seed: int = 0, text_hidden: int = 96, text_layers: int = 3
 ):
     """(LlavaForConditionalGeneration, LlavaProcessor): the world CLIP's vision tower and a freshly
     initialised projector and Llama, the starting point of `train_world_llava`.

@@ -11,7 +11,7 @@ Each item gets one question of every type (`QUESTION_TYPES`), each with one true
   {shape} in the image?". The world's "objects" are (colour, shape) pairs, as COCO's are object
   classes. The positive names the item's pair ("yes"); each negative names a pair that is not
   in the image ("no"), one per POPE setting:
-  - `pope_random`: a pair sharing neither the colour nor the shape of the item's, uniformly;
+  - `pope_random`: a pair sharing neither the colour nor the shape of the item's;
   - `pope_popular`: POPE asks about the objects most frequent in the data. The world draws every
     colour and shape equally often, so what a language prior can lean on is which pairs training
     shows: the popular negative keeps the item's colour with another shape that the training split
@@ -19,9 +19,13 @@ Each item gets one question of every type (`QUESTION_TYPES`), each with one true
     often, never "green circle");
   - `pope_adversarial`: POPE asks about objects that co-occur most with the image's own. In a
     world image the item's shape is what is there, so the adversarial negative keeps the item's
-    shape in another colour ("red circle" for a green circle): only binding colour to shape
+    shape in another colour ("blue circle" for a green circle): only binding colour to shape
     tells it apart.
-  A POPE setting's accuracy is over balanced pairs: the positive and that setting's negative.
+  Every negative is drawn uniformly from the training split's pairs, so no training question
+  names a held-out pair: were held-out pairs asked about in training, the answer would always be
+  "no" (no training image shows one), and a model learns that instead of looking (a first world
+  LLaVA did: 0.5 on every POPE setting, held out). A POPE setting's accuracy is over balanced
+  pairs: the positive and that setting's negative.
 
 Every question and answer of item `index` is a pure function of (seed, split, index), like the
 item itself (`vqa_item`).
@@ -103,16 +107,17 @@ def existence_question(colour: str, shape: str) -> str:
 
 
 def pope_negatives(labels: dict[str, str], rng: np.random.Generator) -> dict[str, tuple[str, str]]:
-    """One absent (colour, shape) pair per POPE setting (see the module docstring)."""
+    """One absent (colour, shape) pair per POPE setting (see the module docstring), each a training
+    pair."""
     colour, shape = labels["colour"], labels["shape"]
-    colours, shapes = ATTRIBUTES["colour"], ATTRIBUTES["shape"]
-    unrelated = [(c, s) for c in colours for s in shapes if c != colour and s != shape]
-    seen_in_colour = [s for s, c in combos("train") if c == colour and s != shape]
-    other_colours = [c for c in colours if c != colour]
+    seen = combos("train")
     return {
-        "pope_random": unrelated[rng.integers(len(unrelated))],
-        "pope_popular": (colour, seen_in_colour[rng.integers(len(seen_in_colour))]),
-        "pope_adversarial": (other_colours[rng.integers(len(other_colours))], shape),
+        setting: pairs[rng.integers(len(pairs))]
+        for setting, pairs in {
+            "pope_random": [(c, s) for s, c in seen if c != colour and s != shape],
+            "pope_popular": [(c, s) for s, c in seen if c == colour and s != shape],
+            "pope_adversarial": [(c, s) for s, c in seen if c != colour and s == shape],
+        }.items()
     }
 
 
