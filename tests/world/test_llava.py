@@ -1,6 +1,8 @@
 """The committed world LLaVA: loaded as a user's LLaVA, its vision tower the world CLIP's, and its
 held-out answers right as often as the README says."""
 
+import json
+
 import pytest
 import torch
 
@@ -124,3 +126,12 @@ def test_held_out_accuracy_is_the_readmes_and_meets_the_goals():
     assert accuracy == pytest.approx(README_TABLE, abs=0.006)  # 3 of 500 answers
     for question_type, goal in GOALS.items():
         assert accuracy[question_type] >= goal, (question_type, accuracy)
+
+
+def test_eval_llava_command_prints_evaluate_world_llava(capsys):
+    from vlsae_ray.cli import main
+
+    assert main(["world", "eval-llava", "--n", "8", "--seed", "3", "--threads", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == evaluate_world_llava(8, seed=3)
+    assert set(printed) == set(README_TABLE)

@@ -50,9 +50,11 @@ __all__ = [
     "VISION_FEATURE_HOOK",
     "WORLD_LLAVA_PATH",
     "answer",
+    "build_world_llava",
     "evaluate_world_llava",
     "load_world_llava",
     "parse_answer",
+    "prompt",
 ]
 
 WORLD_LLAVA_PATH = Path(__file__).parent / "checkpoints" / "world-llava"
