@@ -7,6 +7,7 @@
     vlsae local-s3 --dir DIR            a SeaweedFS S3 server on loopback (blocks)
     vlsae plan --d D --latents F ...    memory per worker, layout and FLOPs of latent-sharded training
     vlsae world train|eval              train the concept world's CLIP; its held-out zero-shot accuracy
+    vlsae world train-llava|eval-llava  train the world LLaVA; its held-out accuracy per question type
 
 Each job joins the Ray cluster it runs in (`ray job submit`) or starts a local one on loopback.
 Run as a program, the demo and the jobs show one progress bar per stage and a one-line result; Ray's
@@ -132,19 +133,38 @@ def run_local_s3(data_dir: str, port: int, buckets: tuple[str, ...]) -> None:
 def run_world(args: argparse.Namespace) -> None:
     import json
 
-    from vlsae_ray.world.train import DEFAULT_STEPS, train_world_clip
-    from vlsae_ray.world.zeroshot import evaluate_world_clip
-
     if args.world_command == "train":
+        from vlsae_ray.world.train import DEFAULT_STEPS, train_world_clip
+
         steps = args.steps or DEFAULT_STEPS
         result = train_world_clip(args.out, seed=args.seed, steps=steps, threads=args.threads)
         print(
             f"wrote {result.checkpoint}: {result.checkpoint_bytes / 2**20:.1f} MiB, "
             f"{result.wall_time_s:.0f} s wall, final loss {result.final_loss:.3f}"
         )
-    else:
+    elif args.world_command == "eval":
+        from vlsae_ray.world.zeroshot import evaluate_world_clip
+
         checkpoint = {"checkpoint": args.checkpoint} if args.checkpoint else {}
         print(json.dumps(evaluate_world_clip(**checkpoint, n=args.n), indent=1))
+    elif args.world_command == "train-llava":
+        from vlsae_ray.world.train_llava import DEFAULT_STEPS as LLAVA_STEPS
+        from vlsae_ray.world.train_llava import train_world_llava
+
+        result = train_world_llava(
+            args.out, seed=args.seed, steps=args.steps or LLAVA_STEPS, threads=args.threads
+        )
+        print(
+            f"wrote {result.folder}: {result.folder_bytes / 2**20:.1f} MiB, "
+            f"{result.wall_time_s:.0f} s wall, loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
+        )
+    else:
+        from vlsae_ray.world.llava import WORLD_LLAVA_PATH, evaluate_world_llava
+
+        folder = args.folder or WORLD_LLAVA_PATH
+        print(
+            json.dumps(evaluate_world_llava(args.n, args.seed, folder=folder, threads=args.threads), indent=1)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     plan_cmd.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU in GiB")
     plan_cmd.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0, 1 or 2 (default: try all)")
     plan_cmd.add_argument("--aux-k", type=int, help="AuxK dead latents (default d // 2; 0: no AuxK loss)")
-    world = commands.add_parser("world", help="the concept world's CLIP: train it, or measure it")
+    world = commands.add_parser(
+        "world", help="the concept world's CLIP and LLaVA: train them, or measure them"
+    )
     world_commands = world.add_subparsers(dest="world_command", required=True)
     world_train = world_commands.add_parser("train", help="train the world CLIP from its seed (CPU)")
     world_train.add_argument("--out", required=True, help="checkpoint file to write")
@@ -206,6 +228,25 @@ def main(argv: list[str] | None = None) -> int:
     world_eval = world_commands.add_parser("eval", help="held-out zero-shot accuracy per attribute")
     world_eval.add_argument("--checkpoint", help="default: the committed checkpoint")
     world_eval.add_argument("--n", type=int, default=2000, help="held-out images to score")
+    llava_train = world_commands.add_parser(
+        "train-llava", help="train the world LLaVA's projector and language model from its seed (CPU)"
+    )
+    llava_train.add_argument("--out", required=True, help="folder to save the model and processor in")
+    llava_train.add_argument("--seed", type=int, default=0)
+    llava_train.add_argument("--steps", type=int, help="default: the committed model's")
+    llava_train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; the committed model used 1 (see train_llava.py)",
+    )
+    llava_eval = world_commands.add_parser(
+        "eval-llava", help="the world LLaVA's held-out accuracy per question type"
+    )
+    llava_eval.add_argument("--folder", help="default: the committed world LLaVA")
+    llava_eval.add_argument("--n", type=int, default=500, help="held-out images to ask about")
+    llava_eval.add_argument("--seed", type=int, default=0)
+    llava_eval.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     # only a program owns its stdout and stderr: a Python caller of main(argv) keeps its own
     log_path = _quiet_unless_verbose(args) if argv is None else None

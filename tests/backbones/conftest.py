@@ -17,7 +17,7 @@ def world_images(n: int) -> list[Image.Image]:
     return [load_image(item["id"]) for item in source_items(SourceConfig(n_items=n))]
 
 
-def save_clip_tokenizer(folder, extra_special: tuple[str, ...] = ()):
+def save_clip_tokenizer(folder):
     """A transformers CLIPTokenizer with open_clip's BPE (the same ids as open_clip's SimpleTokenizer)."""
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
@@ -31,7 +31,6 @@ def save_clip_tokenizer(folder, extra_special: tuple[str, ...] = ()):
         eos_token=eot,
         pad_token=eot,
         unk_token=eot,
-        extra_special_tokens=list(extra_special),
     )
     tokenizer.save_pretrained(folder)
     return tokenizer
@@ -75,18 +74,11 @@ def hf_clip_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def llava_folder(tmp_path_factory):
-    """The world LLaVA (world CLIP vision tower, untrained Llama) saved with its processor and a
-    tokenizer whose `<image>` is the model's image token."""
-    from vlsae_ray.world.llava import IMAGE_TOKEN_ID, build_world_llava
+def llava_folder():
+    """The committed world LLaVA: a folder `save_pretrained` wrote, with its processor and tokenizer."""
+    from vlsae_ray.world.llava import WORLD_LLAVA_PATH
 
-    folder = tmp_path_factory.mktemp("llava")
-    model, image_processor = build_world_llava(text_layers=2)
-    model.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
-    tokenizer = save_clip_tokenizer(folder, extra_special=("<image>",))
-    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
-    return folder
+    return WORLD_LLAVA_PATH
 
 
 def assert_rows_match(rows, reference, token: TokenConfig, lengths=None, cls=None):

@@ -1,15 +1,14 @@
 """The LLaVA backbone against the model's own hidden states, on prompts built here by hand."""
 
+import re
+
 import pytest
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 
 from vlsae_ray import storage
 from vlsae_ray.backbones import hook_dims, load_backbone, required_inputs, valid_hook_points
 from vlsae_ray.config import BackboneConfig, TokenConfig
-from vlsae_ray.world.llava import IMAGE_TOKEN_ID
 
-BPE = SimpleTokenizer()  # open_clip's own tokenizer, built once
 CAPTIONS = ["a red circle", "two small blue squares to the left of a green star"]
 
 
@@ -46,11 +45,13 @@ def test_language_means_equal_hidden_states_of_each_prompt_alone(backbone, image
     hooks = [f"language_model.layers.{i}:{part}_mean" for i in (0, 1) for part in ("image", "text")]
     rows = backbone.activations(hooks, pixels=pixels, texts=CAPTIONS, item_ids=["a", "b"])
     model, n_image = backbone.model.model, 64  # (64 / 8) ** 2 patches of the world CLIP
+    vocab, image_id = backbone.tokenizer.get_vocab(), backbone.model.config.image_token_id
     norm, model.language_model.norm = model.language_model.norm, torch.nn.Identity()
     try:  # without the final norm the last hidden state is the last layer's raw output
         for b, caption in enumerate(CAPTIONS):
-            caption_ids = BPE.encode(caption)
-            ids = torch.tensor([[49406, *[IMAGE_TOKEN_ID] * n_image, *caption_ids, 49407]])
+            # the world tokenizer by hand: lower-cased words and runs of punctuation, after <s>
+            caption_ids = [vocab[w] for w in re.findall(r"\w+|[^\w\s]+", caption.lower())]
+            ids = torch.tensor([[vocab["<s>"], *[image_id] * n_image, *caption_ids]])
             out = model(input_ids=ids, pixel_values=pixels[b : b + 1], output_hidden_states=True)
             image_t, text_t = slice(1, 1 + n_image), slice(1 + n_image, 1 + n_image + len(caption_ids))
             for i in (0, 1):
@@ -65,7 +66,7 @@ def test_language_means_equal_hidden_states_of_each_prompt_alone(backbone, image
     finally:
         model.language_model.norm = norm
     for name in hooks:
-        assert rows[name].values.shape == (2, 64)
+        assert rows[name].values.shape == (2, backbone.model.config.text_config.hidden_size)
 
 
 def test_hook_points_dims_and_errors(backbone, images):
@@ -77,13 +78,15 @@ def test_hook_points_dims_and_errors(backbone, images):
     assert required_inputs(backbone.config, ["language_model.layers.0:image_mean"]) == {"pixels", "texts"}
     dims = hook_dims(backbone.config, list(points))
     assert {dims[name] for name in points if name.startswith("vision_tower.")} == {96}
-    assert {dims[name] for name in points if name.startswith("language_model.")} == {64}
+    text = backbone.model.config.text_config
+    assert {dims[name] for name in points if name.startswith("language_model.")} == {text.hidden_size}
+    last = text.num_hidden_layers - 1
     with pytest.raises(
         ValueError,
-        match=r"'language_model.layers.2:text_mean' is not in this model; valid "
-        r"hook points: vision_tower.encoder.layers.0, .*language_model.layers.1:text_mean$",
+        match=rf"'language_model.layers.{last + 1}:text_mean' is not in this model; valid "
+        rf"hook points: vision_tower.encoder.layers.0, .*language_model.layers.{last}:text_mean$",
     ):
-        hook_dims(backbone.config, ["language_model.layers.2:text_mean"])
+        hook_dims(backbone.config, [f"language_model.layers.{last + 1}:text_mean"])
     with pytest.raises(ValueError, match=r"'language_model.layers.0:text_mean' reads texts, but texts=None"):
         backbone.activations(
             ["language_model.layers.0:text_mean"], pixels=backbone.pixels(images(1)), item_ids=["a"]

@@ -7,18 +7,17 @@ import torch
 from vlsae_ray.sae import build_sae
 from vlsae_ray.steer import steered
 from vlsae_ray.world import generate_items
-from vlsae_ray.world.llava import build_world_llava, llava_input_ids
-
-VISION_FEATURE_HOOK = "model.vision_tower.encoder.layers.2"
+from vlsae_ray.world.llava import ATTRIBUTE_QUESTIONS, VISION_FEATURE_HOOK, load_world_llava, prompt
 
 
 @pytest.fixture(scope="module")
 def llava():
-    model, processor = build_world_llava()
+    """The committed world LLaVA asked one question about 3 held-out images (one prompt length, so
+    no padding), and a random SAE at the vision layer its projector reads."""
+    model, processor = load_world_llava()
     items = generate_items(3, split="test", seed=5)
-    ids = llava_input_ids("what colour is the object?", 64).repeat(3, 1)
-    pixels = processor(images=[it.image for it in items], return_tensors="pt")["pixel_values"]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    text = [prompt(ATTRIBUTE_QUESTIONS["colour"])] * len(items)
+    inputs = dict(processor(images=[it.image for it in items], text=text, return_tensors="pt"))
     torch.manual_seed(0)
     sae = build_sae({"architecture": "topk", "d_in": 96, "n_latents": 384, "k": 12}).eval()
     with torch.no_grad():
@@ -38,16 +37,18 @@ def test_no_edits_leave_llava_bit_identical(llava):
 
 def _manual_greedy(model, inputs, features_bpd, steps):
     """Greedy decoding with no cache and no hook: the image placeholders' embeddings are the
-    projector's output on `features_bpd`, recomputed from scratch at every step."""
+    projector's output on `features_bpd`, recomputed from scratch at every step; the end token is
+    never chosen (as `generate(min_new_tokens=steps)` does)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     image = ids == model.config.image_token_id
     width = model.config.text_config.hidden_size
     projected = model.model.multi_modal_projector(features_bpd).reshape(-1, width)
-    embeds = model.get_input_embeddings()(ids.clamp_max(model.config.text_config.vocab_size - 1))
+    embeds = model.get_input_embeddings()(ids)
     embeds[image] = projected
     new = []
     for _ in range(steps):
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+        logits[:, model.generation_config.eos_token_id] = float("-inf")
         token = logits.argmax(-1)
         new.append(token)
         embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], 1)
