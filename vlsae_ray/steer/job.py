@@ -148,11 +148,11 @@ def run_steer(config: SteerConfig) -> SteerSummary:
         batch_format="numpy",
     )
     rows = []
-    with progress.stage("steer", blocks, "batches"):
+    with progress.stage("steer", len(pairs), "pairs"):
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(batch["latent"])
             rows += [{key: _plain(batch[key][i]) for key in COLUMNS} for i in range(n)]
-            progress.advance()
+            progress.advance(int((batch["mode"] == "none").sum()))  # one unsteered row per pair
     summary = summarize(rows)
     if llava:
         summary["steering_score"] = _score(summary.pop("probes"), catalog, latents)
