@@ -21,13 +21,14 @@ from PIL import Image
 from vlsae_ray import storage
 from vlsae_ray.activations.sources import world_labels
 from vlsae_ray.backbones import builtin_backbone
-from vlsae_ray.config import SteerConfig
+from vlsae_ray.config import BackboneConfig, SteerConfig
 from vlsae_ray.interpret.catalog import SCHEMA, read_catalog, write_catalog
 from vlsae_ray.sae import build_sae
 from vlsae_ray.steer.job import run_steer
-from vlsae_ray.steer.measure import summarize
+from vlsae_ray.steer.measure import probe_image, steering_score, summarize
 from vlsae_ray.train import fit_local
 from vlsae_ray.world import ATTRIBUTES, generate_item, generate_items, load_world_clip, zero_shot_accuracy
+from vlsae_ray.world.llava import VISION_FEATURE_HOOK, WORLD_LLAVA_PATH
 
 BLOCK = "visual.transformer.resblocks.2"
 TOP = 16
@@ -203,3 +204,59 @@ def test_bad_steering_configs_fail_before_any_work(steering_run, tmp_path):
         run_steer(config.model_copy(update=empty_config))
     with pytest.raises(ValueError, match="positive multiples"):
         SteerConfig(**{**config.model_dump(), "strengths": [0.0, 1.0]})
+
+
+def test_the_job_steers_the_world_llava_and_scores_its_one_word_answers(steering_run, tmp_path):
+    """The same SAE (block 2 of the world CLIP) in the world LLaVA's vision tower, where its projector
+    reads: every pair gets an answer per attribute and a one-word answer, and the steering score
+    covers both of Pach et al.'s protocols."""
+    config, _ = steering_run
+    llava = config.model_copy(
+        update={
+            "backbone": BackboneConfig(library="llava", model=str(WORLD_LLAVA_PATH)),
+            "hook_point": VISION_FEATURE_HOOK,
+            "max_latents": 2,
+            "n_images": 3,
+            "strengths": [1.0],
+            "output": str(tmp_path / "llava"),
+        }
+    )
+    summary = run_steer(llava)
+    rows = _pairs(llava)
+    probes = [r for r in rows if r["kind"] == "probe"]
+    assert len(probes) == 2 * 2 * (len(ATTRIBUTES["shape"]) + 1)  # 2 latents x 2 settings x probe images
+    unsteered = [json.loads(r["predicted"]) for r in rows if r["mode"] == "none" and r["kind"] == "flip"]
+    items = [world_labels(r["item"]) for r in rows if r["mode"] == "none" and r["kind"] == "flip"]
+    # the world LLaVA answers colour questions about held-out images right (0.976 on 500 images)
+    assert sum(p["colour"] == t["colour"] for p, t in zip(unsteered, items, strict=True)) >= len(items) - 1
+    score = json.loads(storage.read_text(summary.steering))["steering_score"]
+    assert {"none/class_images", "none/white_image", "delta/1/class_images", "delta/1/white_image"} <= set(
+        score
+    )
+    assert score["none/white_image"]["pairs"] == 2
+
+
+@torch.no_grad()
+def test_steering_score_against_a_direct_computation():
+    model, preprocess, tokenizer = load_world_clip()
+    top = {
+        3: [generate_item(i, seed=4).id for i in range(3)],
+        9: [generate_item(i, seed=4).id for i in (5, 6)],
+    }
+    probes = {"delta/2": {3: {"white": "red", "x": "circle"}, 9: {"white": "blue"}}}
+    scores = steering_score(probes, top, model, preprocess, tokenizer, seed=0)
+
+    def mean_image(ids):
+        return torch.stack([model.encode_image(preprocess(probe_image(i))[None])[0] for i in ids]).mean(0)
+
+    def cos(word, ids):
+        return float(torch.cosine_similarity(model.encode_text(tokenizer([word]))[0], mean_image(ids), dim=0))
+
+    white = [cos("red", top[3]), cos("blue", top[9])]
+    assert scores["delta/2/white_image"]["score"][0] == pytest.approx(sum(white) / 2, abs=1e-5)
+    assert scores["delta/2/white_image"]["score"][1] == pytest.approx(abs(white[0] - white[1]) / 2, abs=1e-5)
+    assert scores["delta/2/class_images"]["score"][0] == pytest.approx(cos("circle", top[3]), abs=1e-5)
+    # with two latents a shuffle either keeps or swaps them; the baseline uses the other's images
+    shuffled = scores["delta/2/white_image"]["shuffled"][0]
+    swapped = (cos("red", top[9]) + cos("blue", top[3])) / 2
+    assert shuffled == pytest.approx(sum(white) / 2, abs=1e-5) or shuffled == pytest.approx(swapped, abs=1e-5)

@@ -125,10 +125,6 @@ class Steerer:
 
             self.classes = {a: class_embeddings(backbone.model, backbone.tokenizer, a) for a in ATTRIBUTES}
 
-    @property
-    def keys(self) -> list[str]:
-        return [*ATTRIBUTES, ONE_WORD] if self.llava else list(ATTRIBUTES)
-
     @torch.no_grad()
     def predict(self, images: list[Image.Image]) -> dict[str, list[str]]:
         """{attribute: each image's predicted value ("" if the answer names none)}, and one-word answers."""
