@@ -83,18 +83,21 @@ class _SteerActor:
         self.config, self.families = config, families
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["latent"])
-        pairs = [{key: _plain(batch[key][i]) for key in batch} for i in range(n)]
-        rows = run_pairs(self.steerer, pairs, self.config.modes, self.config.strengths, self.families)
+        rows = run_pairs(
+            self.steerer, _rows(batch, list(batch)), self.config.modes, self.config.strengths, self.families
+        )
         return {key: np.array([row[key] for row in rows], dtype=object) for key in COLUMNS}
 
 
-def _plain(value):
-    return value.item() if isinstance(value, np.generic) else value
+def _rows(batch: dict[str, np.ndarray], keys) -> list[dict]:
+    """A numpy batch as one dict of plain Python values per row."""
+    plain = {key: [v.item() if isinstance(v, np.generic) else v for v in batch[key]] for key in keys}
+    return [dict(zip(keys, values, strict=True)) for values in zip(*plain.values(), strict=True)]
 
 
 def _check(config: SteerConfig) -> None:
-    """Bad settings fail before any work: the hook point exists and has the SAE's width."""
+    """Bad settings fail before any work: the hook point exists, the backbone is one the job can
+    measure, and the SAE's config is readable (a width mismatch fails in the hook, naming both)."""
     model = LIBRARIES[config.backbone.library].meta_model(config.backbone)
     try:
         model.get_submodule(config.hook_point)
@@ -150,8 +153,7 @@ def run_steer(config: SteerConfig) -> SteerSummary:
     rows = []
     with progress.stage("steer", len(pairs), "pairs"):
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n = len(batch["latent"])
-            rows += [{key: _plain(batch[key][i]) for key in COLUMNS} for i in range(n)]
+            rows += _rows(batch, COLUMNS)
             progress.advance(int((batch["mode"] == "none").sum()))  # one unsteered row per pair
     summary = summarize(rows)
     if llava:
