@@ -82,7 +82,13 @@ def api_keys(config: ServeConfig) -> list[bytes]:
     """The configured keys: the keys file's lines and the VLSAE_API_KEYS variable's entries."""
     keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",")]
     if config.api_keys_file is not None:
-        keys += storage.read_text(config.api_keys_file).splitlines()
+        try:
+            keys += storage.read_text(config.api_keys_file).splitlines()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"api_keys_file {config.api_keys_file!r} does not exist (on Kubernetes: create the Secret "
+                "vlsae-api-keys, docs/kubernetes.md)"
+            ) from None
     return [k.strip().encode() for k in keys if k.strip()]
 
 

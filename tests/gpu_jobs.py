@@ -100,7 +100,7 @@ def run_jobs(root: str) -> dict:
     png = io.BytesIO()
     image.save(png, format="PNG")
     request = EncodeRequest(sae="demo", images=[base64.b64encode(png.getvalue()).decode()])
-    served = handle.encode.remote(request).result(timeout_s=120).results[0].latents
+    served = [c.model_dump() for c in handle.encode.remote(request).result(timeout_s=120).results[0].latents]
     cluster = {
         "address": ray.get_runtime_context().gcs_address,
         "detail": True,

@@ -38,7 +38,7 @@ class ServedWorld:
     config: ServeConfig
 
     def call(self, method: str, route: str, key: str | None = None, **kwargs) -> requests.Response:
-        headers = {"Authorization": f"Bearer {self.key if key is None else key}"}
+        headers = {"Authorization": f"Bearer {self.key if key is None else key}"} | kwargs.pop("headers", {})
         return requests.request(method, self.url + route, headers=headers, timeout=120, **kwargs)
 
     @staticmethod

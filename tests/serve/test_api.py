@@ -192,3 +192,30 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served_world, l
     assert (
         served_world.call("POST", "/v1/encode", json={"sae": "block", "images": [image]}).status_code == 200
     )
+
+
+def test_a_replica_holding_one_sae_at_a_time_still_answers_each(served_world, library):
+    """max_loaded_saes=1: alternating SAEs unloads and reloads them (the multiplexed LRU); every
+    answer is still its own SAE's."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    interpreter, saes = library
+    config = served_world.config.model_copy(update={"max_loaded_saes": 1})
+    serve.run(build_app(config), name="vlsae-lru-test", route_prefix="/lru")
+    try:
+        image = ITEMS[0].image
+        expected = {
+            s: top_concepts(served, interpreter.image_codes([(served, image)])[0], 5)
+            for s, served in saes.items()
+        }
+        for sae_id in ["block", "vl", "block", "vl"]:
+            body = {"sae": sae_id, "images": [served_world.png(image)], "top_k": 5}
+            r = served_world.call(
+                "POST", "/lru/v1/encode", json=body, headers={"serve_multiplexed_model_id": sae_id}
+            )
+            assert r.status_code == 200, r.text
+            assert same_concepts(r.json()["results"][0]["latents"], expected[sae_id])
+    finally:
+        serve.delete("vlsae-lru-test")
