@@ -551,6 +551,19 @@ def test_serve_autoscaling_and_num_replicas_exclude_each_other():
 # --- the optional PodMonitor --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_exposes_its_metrics_export_port(built, overlay):
+    """Ray (and Serve's metrics with it) exports Prometheus metrics on rayStartParams
+    metrics-export-port; each Ray container names that port `metrics`, which the PodMonitor scrapes."""
+    for kind in RAY_KINDS:
+        for obj in by_kind(built[overlay], kind):
+            cluster = cluster_spec(obj)
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                (container,) = group["template"]["spec"]["containers"]
+                ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+                assert group["rayStartParams"]["metrics-export-port"] == str(ports["metrics"]) == "8080"
+
+
 def test_podmonitor_component_scrapes_the_metrics_port(tmp_path, kustomize):
     overlay = tmp_path / "with-podmonitor"
     overlay.mkdir()
