@@ -69,7 +69,9 @@ def test_every_overlay_builds_the_objects_a_deployment_needs(built, overlay):
     kinds = {obj["kind"] for obj in built[overlay]}
     assert {"Namespace", "ServiceAccount", "ConfigMap", "NetworkPolicy", *RAY_KINDS} <= kinds
     assert {obj["metadata"]["namespace"] for obj in built[overlay] if obj["kind"] != "Namespace"} == {"vlsae"}
-    assert "Secret" not in kinds  # S3 credentials are the user's Secret, created apart (docs/kubernetes.md)
+    # S3 credentials, the Ray token and the API keys are the user's Secrets, created apart
+    # (docs/kubernetes.md): no Secret object, with data or without, is in the manifests
+    assert "Secret" not in kinds
     assert not kinds & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 
 
@@ -472,6 +474,48 @@ def test_rayservice_deploys_what_vlsae_serve_deploys(built, overlay, capsys):
     assert deployed["http_options"] == {"host": "0.0.0.0", "port": config.port}
 
 
+def secret_file(template: dict, path: str) -> tuple[str, str] | None:
+    """(Secret, key) whose value the pod's container reads at `path`, or None if no mount serves it."""
+    (container,) = template["spec"]["containers"]
+    volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        relative = os.path.relpath(path, mount["mountPath"])
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None or relative.startswith("..") or "subPath" in mount:
+            continue
+        assert mount.get("readOnly") is True, mount
+        keys = {item["path"]: item["key"] for item in secret.get("items", [])} or {relative: relative}
+        if relative in keys:
+            return secret["secretName"], keys[relative]
+    return None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_pods_read_the_api_keys_from_the_secret(built, overlay):
+    """Serve binds 0.0.0.0, so its replicas need keys: the serve config's api_keys_file is the key
+    `api-keys` of the user's Secret vlsae-api-keys, mounted in every pod that may run a replica (a
+    whole-folder mount, not subPath, so a rotated Secret reaches the file)."""
+    (service,) = by_kind(built[overlay], "RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    path = app["args"]["api_keys_file"]
+    templates = pod_templates(service)
+    assert len(templates) == {"dev": 2, "prod": 3}[overlay]  # head, cpu workers (prod: gpu workers)
+    for where, template in templates:
+        assert secret_file(template, path) == ("vlsae-api-keys", "api-keys"), where
+
+
+def test_the_api_keys_check_finds_a_missing_or_misplaced_mount(built):
+    (service,) = by_kind(built["prod"], "RayService")
+    _, template = pod_templates(service)[-1]
+    assert secret_file(template, "/etc/vlsae/api-keys") == ("vlsae-api-keys", "api-keys")
+    assert secret_file(template, "/etc/vlsae/other-keys") == ("vlsae-api-keys", "other-keys")  # a wrong key
+    assert secret_file(template, "/etc/keys/api-keys") is None
+    template = copy.deepcopy(template)
+    (container,) = template["spec"]["containers"]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/etc/vlsae"]
+    assert secret_file(template, "/etc/vlsae/api-keys") is None
+
+
 def test_the_dev_serve_config_builds_the_autoscaled_application(built):
     """Serve's own step on the cluster: import `import_path` and call it with `args` (device cpu asks
     no GPUs of a cluster, so nothing starts here)."""
@@ -505,6 +549,19 @@ def test_serve_autoscaling_and_num_replicas_exclude_each_other():
 
 
 # --- the optional PodMonitor --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_exposes_its_metrics_export_port(built, overlay):
+    """Ray (and Serve's metrics with it) exports Prometheus metrics on rayStartParams
+    metrics-export-port; each Ray container names that port `metrics`, which the PodMonitor scrapes."""
+    for kind in RAY_KINDS:
+        for obj in by_kind(built[overlay], kind):
+            cluster = cluster_spec(obj)
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                (container,) = group["template"]["spec"]["containers"]
+                ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+                assert group["rayStartParams"]["metrics-export-port"] == str(ports["metrics"]) == "8080"
 
 
 def test_podmonitor_component_scrapes_the_metrics_port(tmp_path, kustomize):
