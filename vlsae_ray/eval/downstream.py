@@ -113,6 +113,7 @@ def zero_shot_with_sae(
     return result
 
 
+@torch.no_grad()
 def image_embeddings(model, preprocess, images: list, batch_size: int) -> torch.Tensor:
     """[N, D] raw image embeddings (the `visual` hook point's output), in batches."""
     batches = [
