@@ -14,7 +14,7 @@ from vlsae_ray.eval import monosemanticity_score, plots
 from vlsae_ray.eval.downstream import zero_shot_with_sae
 from vlsae_ray.eval.evaluate import run_evaluate
 from vlsae_ray.eval.uniqueness import top_set_overlap
-from vlsae_ray.sae import build_sae
+from vlsae_ray.sae import SparseAutoencoder, build_sae
 from vlsae_ray.train import fit_local
 from vlsae_ray.world import generate_items, load_world_clip, zero_shot_accuracy
 
@@ -108,6 +108,7 @@ def test_evaluate_writes_the_report_with_plots_to_s3(ray_cluster, s3_root, world
     assert [c.sae for c in summary.checkpoints] == [config.sae, *config.checkpoints]
     assert len(summary.prefix_fvu) == 3 and summary.prefix_fvu[-1] == pytest.approx(summary.fvu)
     assert set(summary.zero_shot) == {"without", "with_sae"}
+    assert "concept-level zero-shot skipped: it needs a VL-SAE" in " ".join(summary.notes)
     assert (
         set(summary.zero_shot["with_sae"]) == set(summary.zero_shot["without"])
         and summary.zero_shot["without"]
@@ -150,6 +151,35 @@ def test_vlsae_concept_similarity_and_skipped_parts(ray_cluster, tmp_path, world
     notes = " ".join(summary.notes)
     assert "no `embeddings`" in notes and "no `zero_shot`" in notes
     assert "## Notes" in storage.read_text(summary.report)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_concept_level_zero_shot_for_a_vlsae_on_the_image_embedding(
+    ray_cluster, tmp_path, world
+):
+    ids, _, images, texts, saes = world
+    root = str(tmp_path)
+    saes["vl"].save(storage.join(root, "vl"))
+    zero_shot = ZeroShotConfig(
+        backbone=builtin_backbone(), n_items=80, validation_items=40, attributes=["shape", "colour"]
+    )
+    config = EvaluateConfig(
+        sae=storage.join(root, "vl"),
+        activations=write(storage.join(root, "img"), images, ids, "visual"),
+        text_activations=write(storage.join(root, "txt"), texts, ids, "text"),
+        zero_shot=zero_shot,
+        top_k=TOP,
+        output=storage.join(root, "report"),
+    )
+    summary = run_evaluate(config)
+    expected = zero_shot_with_sae(zero_shot, "visual", SparseAutoencoder.load(config.sae), "cls")
+    assert set(expected) == {"without", "with_sae", "enhanced", "alpha"} and summary.zero_shot == expected
+    assert not any("concept-level" in note for note in summary.notes)
+    report = storage.read_text(summary.report)
+    assert "| task | without | with SAE | concept-level (alpha) |" in report
+    shape = {key: values["shape"] for key, values in expected.items()}
+    assert f"| shape | {shape['without']:.3f} | {shape['with_sae']:.3f} | {shape['enhanced']:.3f} " in report
+    assert f" ({shape['alpha']:g}) |" in report
 
 
 def test_zero_shot_with_the_sae_spliced_in_is_reported_next_to_the_plain_model(world):
