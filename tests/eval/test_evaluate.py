@@ -108,7 +108,7 @@ def test_evaluate_writes_the_report_with_plots_to_s3(ray_cluster, s3_root, world
     assert [c.sae for c in summary.checkpoints] == [config.sae, *config.checkpoints]
     assert len(summary.prefix_fvu) == 3 and summary.prefix_fvu[-1] == pytest.approx(summary.fvu)
     assert set(summary.zero_shot) == {"without", "with_sae"}
-    assert "concept-level zero-shot skipped: it needs a VL-SAE" in " ".join(summary.notes)
+    assert "concept-level zero-shot not run: it needs a VL-SAE" in " ".join(summary.notes)
     assert (
         set(summary.zero_shot["with_sae"]) == set(summary.zero_shot["without"])
         and summary.zero_shot["without"]

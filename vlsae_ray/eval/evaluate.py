@@ -162,7 +162,7 @@ def _evaluate(config: EvaluateConfig, plan: PassPlan, sae, manifest) -> Evaluate
         summary.zero_shot = zero_shot_with_sae(config.zero_shot, hook_point, sae, token)
         if not enhances(sae, hook_point):
             summary.notes.append(
-                f"concept-level zero-shot skipped: it needs a VL-SAE on the image embedding (hook point "
+                f"concept-level zero-shot not run: it needs a VL-SAE on the image embedding (hook point "
                 f"`{IMAGE_EMBEDDING}`), not a {sae.config.architecture} SAE at `{hook_point}`"
             )
         progress.advance()
