@@ -26,6 +26,15 @@ COLOURS = ["red", "green", "blue", "yellow"]
 TEMPLATES = ["a {} object", "{} shapes"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is as fast, and far faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip():
     return load_world_clip()
@@ -92,7 +101,7 @@ def test_concept_level_similarity_is_the_cosine_of_the_latents(clip, vlsae):
 
 def world_images(n: int):
     """(image, colour) of n world items whose colour is one of COLOURS."""
-    items = [item for item in generate_items(4 * n, seed=7) if item.labels["colour"] in COLOURS]
+    items = [item for item in generate_items(3 * n, seed=7) if item.labels["colour"] in COLOURS]
     return [(item.image, item.labels["colour"]) for item in items[:n]]
 
 
@@ -118,7 +127,7 @@ def direct_accuracy(clip, labelled: list, ids: list[str], fraction: float) -> fl
             rows.append(torch.nn.functional.normalize(embedding.mean(0), dim=-1))
     predicted = (features @ torch.stack(rows).T).argmax(-1)
     truth = torch.tensor([COLOURS.index(colour) for _, colour in test])
-    return float((predicted == truth).float().mean())
+    return int((predicted == truth).sum()) / len(truth)
 
 
 def file_config(tmp_path, images: str, **update) -> ZeroShotConfig:
@@ -129,7 +138,7 @@ def file_config(tmp_path, images: str, **update) -> ZeroShotConfig:
 
 
 def test_file_task_on_a_folder_of_class_subfolders(tmp_path, clip, vlsae):
-    labelled = world_images(80)
+    labelled = world_images(48)
     ids = []
     for i, (image, colour) in enumerate(labelled):
         (tmp_path / "images" / colour).mkdir(parents=True, exist_ok=True)
@@ -146,7 +155,7 @@ def test_file_task_on_a_folder_of_class_subfolders(tmp_path, clip, vlsae):
 
 
 def test_file_task_on_a_parquet_file_with_names_or_indices(tmp_path, clip, vlsae):
-    labelled = world_images(60)
+    labelled = world_images(40)
     columns = {
         "names": [colour for _, colour in labelled],
         "indices": [COLOURS.index(colour) for _, colour in labelled],
