@@ -307,22 +307,83 @@ class TrainConfig(Strict):
 
 
 class ZeroShotConfig(Strict):
-    """The evaluate job's downstream task: zero-shot accuracy with the SAE spliced into the backbone."""
+    """The evaluate job's downstream task: zero-shot accuracy with the SAE spliced into the backbone,
+    and, for a VL-SAE on the CLIP's image embedding (hook point `visual`), concept-level zero-shot
+    (`vlsae_ray.eval.concept_zeroshot`) with alpha chosen on validation images."""
 
-    task: Literal["world"] = Field(
-        "world", description="world: zero-shot classification of every concept-world attribute"
+    task: Literal["world", "files"] = Field(
+        "world",
+        description="world: zero-shot classification of every concept-world attribute; files: your "
+        "labelled images (`images`, `classes`)",
     )
     backbone: BackboneConfig = Field(description="the open_clip CLIP the SAE's activations came from")
     hook_point: str | None = Field(
         None, description="where the SAE's reconstruction replaces the activation; default: the dataset's"
     )
-    n_items: int = Field(1000, gt=0, description="world items classified")
+    n_items: int = Field(1000, gt=0, description="world: test items classified")
     attributes: list[str] | None = Field(
         None, description="world attributes classified (e.g. [shape, colour]); default: all of them"
     )
     split: Literal["train", "test"] = Field("test", description="world split (test: held-out pairs)")
-    seed: int = 0
+    seed: int = Field(0, description="world: seed of the test items")
+    validation_items: int = Field(
+        500,
+        gt=0,
+        description="world: validation items (same split, seed `validation_seed`) alpha is chosen on",
+    )
+    validation_seed: int = Field(1000, description="world: seed of the validation items; not `seed`")
+    images: str | None = Field(
+        None,
+        description="files: URI of a folder with one subfolder of images per class (named as in `classes`), "
+        "or of a .parquet file with `image_column` and `label_column`",
+    )
+    classes: str | None = Field(
+        None, description="files: URI of a text file of class names, one per line (class i is line i)"
+    )
+    image_column: str = Field("image", description="files, parquet: column of encoded image bytes")
+    label_column: str = Field(
+        "label", description="files, parquet: column of each row's class name or 0-based class index"
+    )
+    templates: list[str] = Field(
+        ["a photo of a {}.", "a photo of the {}.", "an image of a {}.", "{}"],
+        min_length=1,
+        description="files: prompt templates, each with one {} for the class name; a class's embedding is "
+        "the normalised mean over its prompts",
+    )
+    validation_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="files: share of the images (by a hash of their id) alpha is chosen on; the rest are "
+        "the test images",
+    )
+    alphas: list[float] = Field(
+        [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0],
+        min_length=1,
+        description="concept-level weights tried on the validation images (VL-SAE on `visual` only)",
+    )
     batch_size: int = Field(256, gt=0, description="images per forward")
+
+    @model_validator(mode="after")
+    def _check_task(self) -> ZeroShotConfig:
+        files = {"images": self.images, "classes": self.classes}
+        if self.task == "files" and None in files.values():
+            missing = [key for key, value in files.items() if value is None]
+            raise ValueError(f"zero_shot task files needs {' and '.join(missing)}: see the config reference")
+        if self.task == "world" and any(files.values()):
+            raise ValueError("images and classes are for task files; the world task makes its own images")
+        if self.task == "world" and self.validation_seed == self.seed:
+            raise ValueError(
+                f"validation_seed={self.validation_seed} equals seed: alpha would be chosen on the test items"
+            )
+        for template in self.templates:
+            if template.count("{}") != 1:
+                raise ValueError(
+                    f"template {template!r} must hold exactly one {{}} where the class name goes"
+                )
+        if any(alpha < 0 for alpha in self.alphas):
+            raise ValueError(f"alphas {self.alphas} must all be at least 0")
+        return self
 
 
 class SAETasksConfig(Strict):

@@ -14,7 +14,7 @@ from vlsae_ray.eval import monosemanticity_score, plots
 from vlsae_ray.eval.downstream import zero_shot_with_sae
 from vlsae_ray.eval.evaluate import run_evaluate
 from vlsae_ray.eval.uniqueness import top_set_overlap
-from vlsae_ray.sae import build_sae
+from vlsae_ray.sae import SparseAutoencoder, build_sae
 from vlsae_ray.train import fit_local
 from vlsae_ray.world import generate_items, load_world_clip, zero_shot_accuracy
 
@@ -108,6 +108,7 @@ def test_evaluate_writes_the_report_with_plots_to_s3(ray_cluster, s3_root, world
     assert [c.sae for c in summary.checkpoints] == [config.sae, *config.checkpoints]
     assert len(summary.prefix_fvu) == 3 and summary.prefix_fvu[-1] == pytest.approx(summary.fvu)
     assert set(summary.zero_shot) == {"without", "with_sae"}
+    assert "concept-level zero-shot not run: it needs a VL-SAE" in " ".join(summary.notes)
     assert (
         set(summary.zero_shot["with_sae"]) == set(summary.zero_shot["without"])
         and summary.zero_shot["without"]
@@ -152,6 +153,35 @@ def test_vlsae_concept_similarity_and_skipped_parts(ray_cluster, tmp_path, world
     assert "## Notes" in storage.read_text(summary.report)
 
 
+@pytest.mark.slow
+def test_evaluate_reports_concept_level_zero_shot_for_a_vlsae_on_the_image_embedding(
+    ray_cluster, tmp_path, world
+):
+    ids, _, images, texts, saes = world
+    root = str(tmp_path)
+    saes["vl"].save(storage.join(root, "vl"))
+    zero_shot = ZeroShotConfig(
+        backbone=builtin_backbone(), n_items=80, validation_items=40, attributes=["shape", "colour"]
+    )
+    config = EvaluateConfig(
+        sae=storage.join(root, "vl"),
+        activations=write(storage.join(root, "img"), images, ids, "visual"),
+        text_activations=write(storage.join(root, "txt"), texts, ids, "text"),
+        zero_shot=zero_shot,
+        top_k=TOP,
+        output=storage.join(root, "report"),
+    )
+    summary = run_evaluate(config)
+    expected = zero_shot_with_sae(zero_shot, "visual", SparseAutoencoder.load(config.sae), "cls")
+    assert set(expected) == {"without", "with_sae", "enhanced", "alpha"} and summary.zero_shot == expected
+    assert not any("concept-level" in note for note in summary.notes)
+    report = storage.read_text(summary.report)
+    assert "| task | without | with SAE | concept-level (alpha) |" in report
+    shape = {key: values["shape"] for key, values in expected.items()}
+    assert f"| shape | {shape['without']:.3f} | {shape['with_sae']:.3f} | {shape['enhanced']:.3f} " in report
+    assert f" ({shape['alpha']:g}) |" in report
+
+
 def test_zero_shot_with_the_sae_spliced_in_is_reported_next_to_the_plain_model(world):
     _, _, _, _, saes = world
     config = ZeroShotConfig(backbone=builtin_backbone(), n_items=150, attributes=["shape", "colour", "count"])
@@ -159,7 +189,7 @@ def test_zero_shot_with_the_sae_spliced_in_is_reported_next_to_the_plain_model(w
     items = generate_items(config.n_items, split=config.split, seed=config.seed)
     plain = zero_shot_accuracy(model, preprocess, tokenizer, items, config.attributes)
     spliced = zero_shot_with_sae(config, BLOCK, saes["topk"], "cls")
-    assert spliced["without"] == plain
+    assert spliced["without"] == plain and set(spliced) == {"without", "with_sae"}  # no VL-SAE: no alpha
     assert all(0.0 <= acc <= 1.0 for acc in spliced["with_sae"].values())
     # the reconstruction is not the activation, so the spliced model's predictions differ somewhere
     assert spliced["with_sae"] != spliced["without"]

@@ -13,6 +13,15 @@ from vlsae_ray.world import generate_items, load_world_clip
 N = 256
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is as fast, and far faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pairs():
     """(image embeddings, caption embeddings) of N world items, and a VL-SAE trained on both."""

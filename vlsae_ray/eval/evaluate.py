@@ -26,7 +26,7 @@ from vlsae_ray.devices import gpu_request
 from vlsae_ray.eval import plots
 from vlsae_ray.eval.concept_similarity import concept_similarity
 from vlsae_ray.eval.dataset_pass import FirstPass, PassPlan, first_pass, ms_pass
-from vlsae_ray.eval.downstream import splice_token, zero_shot_with_sae
+from vlsae_ray.eval.downstream import IMAGE_EMBEDDING, enhances, splice_token, zero_shot_with_sae
 from vlsae_ray.eval.metrics import nan_to_none
 from vlsae_ray.eval.uniqueness import top_set_overlap
 from vlsae_ray.provenance import write_run_info
@@ -58,7 +58,9 @@ class EvaluateSummary(BaseModel):
     duplicate_fraction: float | None = None
     checkpoints: list[CheckpointResult] = []
     prefix_fvu: list[float] | None = None  # Matryoshka: FVU of each nested prefix
-    zero_shot: dict[str, dict[str, float]] | None = None  # {"without" | "with_sae": {attribute: acc}}
+    # {"without" | "with_sae" | "enhanced": {task: accuracy}, "alpha": {task: alpha}}; the last two
+    # for a VL-SAE on the image embedding (concept-level zero-shot)
+    zero_shot: dict[str, dict[str, float]] | None = None
     concept_similarity: dict[str, float] | None = None  # VL-SAE
     notes: list[str] = []  # what was skipped, and why
     plots: dict[str, str] = {}  # name -> URI of the PNG
@@ -158,6 +160,11 @@ def _evaluate(config: EvaluateConfig, plan: PassPlan, sae, manifest) -> Evaluate
         hook_point = config.zero_shot.hook_point or manifest.hook_point
         token = splice_token(manifest.token)
         summary.zero_shot = zero_shot_with_sae(config.zero_shot, hook_point, sae, token)
+        if not enhances(sae, hook_point):
+            summary.notes.append(
+                f"concept-level zero-shot not run: it needs a VL-SAE on the image embedding (hook point "
+                f"`{IMAGE_EMBEDDING}`), not a {sae.config.architecture} SAE at `{hook_point}`"
+            )
         progress.advance()
     else:
         summary.notes.append("zero-shot skipped: no `zero_shot` task configured")
@@ -262,14 +269,25 @@ def _markdown(config: EvaluateConfig, summary: EvaluateSummary) -> str:
             "",
         ]
     if summary.zero_shot is not None:
+        zero_shot = summary.zero_shot
+        enhanced = "enhanced" in zero_shot
         lines += [
             "## Zero-shot with the SAE spliced in",
             "",
-            "| attribute | without | with SAE |",
-            "| --- | --- | --- |",
+            "| task | without | with SAE |" + (" concept-level (alpha) |" if enhanced else ""),
+            "| --- | --- | --- |" + (" --- |" if enhanced else ""),
         ]
-        for attribute, accuracy in summary.zero_shot["without"].items():
-            lines.append(f"| {attribute} | {accuracy:.3f} | {summary.zero_shot['with_sae'][attribute]:.3f} |")
+        for task, accuracy in zero_shot["without"].items():
+            row = f"| {task} | {accuracy:.3f} | {zero_shot['with_sae'][task]:.3f} |"
+            if enhanced:
+                row += f" {zero_shot['enhanced'][task]:.3f} ({zero_shot['alpha'][task]:g}) |"
+            lines.append(row)
+        if enhanced:
+            lines += [
+                "",
+                "Concept-level: cos(v, t_c) + alpha cos(z_v, z_c) of the VL-SAE latents z, with each task's "
+                "alpha chosen on validation images (`vlsae_ray.eval.concept_zeroshot`).",
+            ]
         lines.append("")
     if summary.concept_similarity is not None:
         lines += [
