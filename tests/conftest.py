@@ -26,6 +26,15 @@ from vlsae_ray.world import generate_items
 TEST_BUCKET = "vlsae-test"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is as fast, and far faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     saved = {

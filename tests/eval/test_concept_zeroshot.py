@@ -22,17 +22,9 @@ from vlsae_ray.train import fit_local
 from vlsae_ray.world import generate_items, load_world_clip, zero_shot_accuracy
 from vlsae_ray.world.zeroshot import class_embeddings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 COLOURS = ["red", "green", "blue", "yellow"]
 TEMPLATES = ["a {} object", "{} shapes"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast, and far faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

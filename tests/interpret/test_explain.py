@@ -10,16 +10,8 @@ from vlsae_ray.sae import build_sae
 from vlsae_ray.train import fit_local
 from vlsae_ray.world import generate_items, load_world_clip
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 N = 256
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast, and far faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
