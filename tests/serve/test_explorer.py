@@ -47,7 +47,8 @@ def open_page(browser, served_world):
         context = browser.new_context(viewport=LAPTOP)
         contexts.append(context)
         if key is not None:
-            context.add_init_script(f"sessionStorage.setItem('vlsae-api-key', {key!r})")
+            script = f"sessionStorage.setItem('vlsae-api-key', {key!r})"
+            context.add_init_script(f"if (location.origin == {served_world.url!r}) {script}")
         page = context.new_page()
         page.set_default_timeout(30_000)
         page.on("pageerror", lambda error: errors.append(error))
@@ -138,14 +139,18 @@ def test_moving_the_steering_slider_changes_the_answer(open_page, served_world, 
     page.screenshot(path=SHOTS / "steer.png", full_page=True)
 
 
-def test_a_wrong_key_shows_the_error_and_the_right_key_recovers(open_page, served_world):
+def test_a_wrong_key_and_a_refused_request_show_their_error(open_page, served_world):
     page = open_page("#/search", key="not-the-key")
     alert = page.get_by_role("alert")
-    alert.wait_for()
-    assert "401" in alert.inner_text() and "API key" in alert.inner_text()
+    expect(alert).to_contain_text("The server refused the API key (401")
     assert page.evaluate("document.activeElement.id") == "key"  # the key field, ready to type in
     page.keyboard.press("Control+A")
     page.keyboard.type(served_world.key)
     page.keyboard.press("Enter")
     page.locator("table.results tbody tr").first.wait_for()
-    assert alert.is_hidden()
+    expect(alert).to_be_hidden()
+    # a latent the SAE does not have: the server's 404 and its reason, in words
+    n_latents = served_world.call("GET", "/v1/saes").json()["saes"][0]["n_latents"]
+    page.goto(f"{served_world.url}/#/saes/block/latents/{n_latents}")
+    expect(alert).to_contain_text("The server refused the request (404)")
+    expect(alert).to_contain_text(f"no latent {n_latents}")
