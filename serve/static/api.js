@@ -29,7 +29,10 @@ async function send(path, init) {
   let detail = response.statusText;
   try {
     const body = await response.json();
-    detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    // FastAPI's validation errors (422) list each bad field
+    detail = Array.isArray(body.detail)
+      ? body.detail.map((error) => `${error.loc.at(-1)}: ${error.msg}`).join("; ")
+      : String(body.detail);
   } catch {
     // not JSON: keep the status text
   }
@@ -43,8 +46,8 @@ export async function get(path, query = {}) {
 }
 
 export async function post(path, body) {
-  const init = { method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body) };
-  return (await send(path, init)).json();
+  const json = headers({ "Content-Type": "application/json" });
+  return (await send(path, { method: "POST", headers: json, body: JSON.stringify(body) })).json();
 }
 
 // An image route needs the key too, so it is fetched here and shown through a blob URL.

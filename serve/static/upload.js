@@ -7,21 +7,23 @@ import { attempt } from "./message.js";
 
 const TOP_K = 10;
 
-export async function uploadView(params, saes) {
+export async function uploadView(_params, saes) {
   const sae = h("select", { id: "upload-sae" }, saes.map((s) => h("option", { value: s.id }, s.id)));
   const result = h("div", { className: "upload-result", "aria-live": "polite" });
+  let sent = 0; // only the latest request's answer is shown
 
   async function encode(image) {
     const shown = overlaid(image);
     result.replaceChildren(shown.element, h("p", {}, "Encoding…"));
-    const answer = await attempt(() => post("/v1/encode", { sae: sae.value, images: [image.base64], top_k: TOP_K }));
-    if (!answer) return;
+    const request = { sae: sae.value, images: [image.base64], top_k: TOP_K };
+    const id = ++sent;
+    const answer = await attempt(() => post("/v1/encode", request));
+    if (!answer || id !== sent) return;
     const latents = answer.results[0].latents;
     const showMap = async (latent, button) => {
-      const mapped = await attempt(() =>
-        post("/v1/encode", { sae: sae.value, images: [image.base64], top_k: TOP_K, map_latent: latent }),
-      );
-      if (!mapped) return;
+      const mine = ++sent;
+      const mapped = await attempt(() => post("/v1/encode", { ...request, map_latent: latent }));
+      if (!mapped || mine !== sent) return;
       drawMap(shown.canvas, mapped.results[0].map);
       for (const other of list.querySelectorAll("button")) other.setAttribute("aria-pressed", other === button);
       caption.textContent = `Overlay: where latent ${latent} fires on the image's patches (more orange: stronger)`;
