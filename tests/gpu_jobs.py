@@ -7,6 +7,8 @@ hardware is behind it, so torch in the workers sees no CUDA device. It runs in i
 because a process joins one Ray only and the session cluster has no GPU.
 """
 
+import base64
+import io
 import json
 import sys
 
@@ -35,6 +37,7 @@ def run_jobs(root: str) -> dict:
     from ray.util.state import list_actors, list_tasks
 
     from serve.app import build_app
+    from serve.schemas import EncodeRequest
     from vlsae_ray.activations import store
     from vlsae_ray.activations.extract import run_extract
     from vlsae_ray.activations.sources import load_image, package_photo_items
@@ -86,11 +89,18 @@ def run_jobs(root: str) -> dict:
         )
     )
 
-    config = ServeConfig(sae=f"{root}/sae", backbone=builtin_backbone(), hook_point=BLOCK, port=free_port())
+    config = ServeConfig(
+        backbone=builtin_backbone(),
+        saes={"demo": {"sae": f"{root}/sae", "hook_point": BLOCK}},
+        port=free_port(),
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": config.port})  # no-op if Serve already runs
     handle = serve.run(build_app(config), name="vlsae-gpu-jobs", route_prefix="/gpu-jobs")
     image = load_image(package_photo_items(1)[0]["id"])
-    served = handle._encode_batch.remote(image).result(timeout_s=120)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    request = EncodeRequest(sae="demo", images=[base64.b64encode(png.getvalue()).decode()])
+    served = handle.encode.remote(request).result(timeout_s=120).results[0].latents
     cluster = {
         "address": ray.get_runtime_context().gcs_address,
         "detail": True,
@@ -107,7 +117,7 @@ def run_jobs(root: str) -> dict:
     return {
         "probe": probe,
         "extractor_actors": requested(actors, "_Extractor"),
-        "serve_replicas": requested(actors, "SAEService"),
+        "serve_replicas": requested(actors, "APIService"),
         "evaluate_tasks": requested(tasks, "_first_partial") + requested(tasks, "_ms_partial"),
         "label_tasks": requested(tasks, "_shard_top_k"),
         "rows": extract.rows,

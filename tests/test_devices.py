@@ -72,7 +72,7 @@ def test_device_cuda_on_a_cluster_without_gpus_fails_before_launch(ray_cluster, 
 
 
 def test_gpu_counts_are_whole_above_one():
-    base = {"sae": "s", "backbone": {"model": "world-clip"}, "hook_point": "h"}
+    base = {"backbone": {"model": "world-clip"}, "saes": {"s": {"sae": "s", "hook_point": "h"}}}
     assert parse_config({**base, "gpus_per_replica": 0.5}, ServeConfig).gpus_per_replica == 0.5
     assert parse_config({**base, "gpus_per_replica": 2}, ServeConfig).gpus_per_replica == 2
     for bad in (1.5, 0):

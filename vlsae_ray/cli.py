@@ -108,7 +108,11 @@ def serve_forever(config_uri: str) -> None:
     serve.start(http_options=deploy["http_options"])
     for app in deploy["applications"]:
         serve.run(build_application(app), name=app["name"], route_prefix=app["route_prefix"])
-    print(f"serving POST http://{config.host}:{config.port}/encode (Ctrl-C to stop)", flush=True)
+    url = f"http://{config.host}:{config.port}"
+    print(
+        f"serving the API at {url}/v1 ({url}/docs), the concept explorer at {url}/ (Ctrl-C to stop)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)
@@ -189,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, _, help_text) in JOBS.items():
         job = commands.add_parser(name, parents=[verbose], help=help_text)
         job.add_argument("-c", "--config", required=True, help="YAML config (path, file:// or s3:// URI)")
-    serve_cmd = commands.add_parser("serve", help="serve POST /encode with Ray Serve")
+    serve_cmd = commands.add_parser(
+        "serve", help="serve the interpretation API and the concept explorer with Ray Serve"
+    )
     serve_cmd.add_argument("-c", "--config", required=True)
     serve_cmd.add_argument(
         "--print-config",

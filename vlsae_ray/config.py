@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from vlsae_ray import storage
 from vlsae_ray.sae import BaseSAEConfig, SAEConfig
@@ -501,6 +509,10 @@ class ServeAutoscalingConfig(Strict):
         gt=0,
         description="requests per replica Serve scales toward; about one batch of the encoder (16)",
     )
+    upscale_delay_s: float = Field(30, ge=0, description="load held this long before a replica is added")
+    downscale_delay_s: float = Field(
+        600, ge=0, description="low load held this long before a replica is removed (loading one is slow)"
+    )
 
     @model_validator(mode="after")
     def _check_range(self) -> ServeAutoscalingConfig:
@@ -509,19 +521,57 @@ class ServeAutoscalingConfig(Strict):
         return self
 
 
-class ServeConfig(Strict):
+class ServedSAEConfig(Strict):
+    """One SAE the API serves, with what the label and evaluate jobs wrote about its latents."""
+
     sae: str = Field(description="URI of a saved SAE")
-    backbone: BackboneConfig
-    hook_point: str
-    token: TokenConfig = TokenConfig()
-    top_k: int = Field(10, gt=0, description="latents returned per image")
-    host: str = Field(
-        "127.0.0.1", description="address the HTTP proxy binds; 0.0.0.0 only behind a trusted network"
+    hook_point: str = Field(description="the backbone hook point the SAE reads images at")
+    token: TokenConfig = Field(TokenConfig(), description="the image's row at the hook point: cls or mean")
+    text_hook_point: str | None = Field(
+        None, description="where it reads captions (a VL-SAE, e.g. text); None: images only"
     )
+    catalog: str | None = Field(None, description="URI of the label job's catalog.parquet: names, top images")
+    monosemanticity: str | None = Field(
+        None, description="URI of the evaluate job's monosemanticity.json: each latent's MS"
+    )
+
+    @model_validator(mode="after")
+    def _check_token(self) -> ServedSAEConfig:
+        if self.token.mode not in ("cls", "mean"):
+            raise ValueError(f"token must be cls or mean (one row per image), not {str(self.token)!r}")
+        return self
+
+
+class ServeConfig(Strict):
+    backbone: BackboneConfig
+    saes: dict[
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], ServedSAEConfig
+    ] = Field(min_length=1, description="the SAEs served, by the id requests name them with")
+    max_loaded_saes: int = Field(
+        4, gt=0, description="SAEs a replica holds at once (least recently used unloaded first)"
+    )
+    top_k: int = Field(10, gt=0, le=256, description="latents returned per image unless a request says")
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds; another address needs API keys")
     port: int = Field(8000, gt=0, lt=65536)
+    api_keys_file: str | None = Field(
+        None,
+        description="a file of API keys, one per line (e.g. a mounted Kubernetes Secret); keys may "
+        "also come from the VLSAE_API_KEYS environment variable (comma-separated). No keys: no "
+        "authentication, allowed on a loopback host only",
+    )
     num_replicas: int = Field(1, gt=0, description="a fixed number of replicas (without autoscaling)")
     autoscaling: ServeAutoscalingConfig | None = Field(
         None, description="scale the replicas with the load instead of a fixed num_replicas"
+    )
+    max_batch_size: int = Field(16, gt=0, description="images per batched backbone forward")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    max_ongoing_requests: int = Field(
+        32,
+        gt=0,
+        description="requests a replica takes at once; at least max_batch_size, or batches never fill",
+    )
+    max_queued_requests: int = Field(
+        256, gt=0, description="requests waiting for a replica; past this the API answers 503 + Retry-After"
     )
     gpus_per_replica: GPUs = Field(
         1.0, description="GPUs each replica requests when on GPU (backbone.device); below 1 shares one"
@@ -531,6 +581,11 @@ class ServeConfig(Strict):
     def _check_replicas(self) -> ServeConfig:
         if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
             raise ValueError("give num_replicas or autoscaling, not both")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests={self.max_ongoing_requests} is below max_batch_size="
+                f"{self.max_batch_size}: batches would never fill"
+            )
         return self
 
 

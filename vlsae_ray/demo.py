@@ -26,7 +26,8 @@ from vlsae_ray.config import (
     TrainConfig,
     parse_config,
 )
-from vlsae_ray.interpret.catalog import read_catalog
+from vlsae_ray.eval.evaluate import SCORES_FILE
+from vlsae_ray.interpret.catalog import CATALOG_FILE, read_catalog
 from vlsae_ray.interpret.ground_truth import held_names
 
 DEMO_BUCKET = "vlsae-demo"
@@ -82,9 +83,15 @@ def demo_configs(root: str, backbone: BackboneConfig, n_items: int, port: int) -
             "output": storage.join(root, "labels"),
         },
         "serve": {
-            "sae": sae,
             "backbone": backbone.model_dump(),
-            "hook_point": BLOCK,
+            "saes": {
+                "demo": {
+                    "sae": sae,
+                    "hook_point": BLOCK,
+                    "catalog": storage.join(root, "labels", CATALOG_FILE),
+                    "monosemanticity": storage.join(root, "report", SCORES_FILE),
+                }
+            },
             "top_k": 8,
             "port": port,
         },
@@ -101,6 +108,8 @@ def demo_configs(root: str, backbone: BackboneConfig, n_items: int, port: int) -
 
 def _serve_check(config: ServeConfig) -> dict:
     """Start the HTTP API, send one real image and one non-image, stop it."""
+    import base64
+
     import requests
     from ray import serve
 
@@ -111,13 +120,15 @@ def _serve_check(config: ServeConfig) -> dict:
     try:
         serve.run(build_app(config), name="vlsae", route_prefix="/")
         progress.advance()
-        url = f"http://{config.host}:{config.port}/encode"
+        url = f"http://{config.host}:{config.port}/v1/encode"
         item = package_photo_items(1)[0]
         png = io.BytesIO()
         load_image(item["id"]).save(png, format="PNG")
-        good = requests.post(url, files={"image": ("photo.png", png.getvalue(), "image/png")}, timeout=60)
+        image = base64.b64encode(png.getvalue()).decode()
+        good = requests.post(url, json={"sae": "demo", "images": [image]}, timeout=60)
         progress.advance()
-        bad = requests.post(url, files={"image": ("notes.txt", b"not an image", "text/plain")}, timeout=60)
+        not_image = base64.b64encode(b"not an image").decode()
+        bad = requests.post(url, json={"sae": "demo", "images": [not_image]}, timeout=60)
         progress.advance()
         return {
             "url": url,
@@ -243,6 +254,7 @@ def _result(stage: str, result) -> tuple[str, str]:
             f"{result.latents_unnamed} unnamed ({result.naming})"
         )
         return text, result.catalog
-    top = ", ".join(f"{x['latent']}={x['activation']:.2f}" for x in result["response"]["latents"][:3])
-    text = f"POST /encode -> {result['status']} (top {top}); non-image -> {result['bad_status']}"
+    latents = result["response"]["results"][0]["latents"][:3]
+    top = ", ".join(f"{x['latent']} {x['name'] or 'unnamed'} {x['activation']:.2f}" for x in latents)
+    text = f"POST /v1/encode -> {result['status']} (top {top}); non-image -> {result['bad_status']}"
     return text, result["url"]

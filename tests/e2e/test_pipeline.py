@@ -3,6 +3,7 @@
 Every stage's output is checked against an independent single-process computation.
 """
 
+import base64
 import io
 import uuid
 
@@ -83,6 +84,7 @@ def test_train_evaluate_label(pipeline):
 
 
 def test_serve_encode_over_http(pipeline):
+    """The trained SAE (local or s3://) served: POST /v1/encode equals a direct encode; bad input 400s."""
     _, configs, _ = pipeline
     from ray import serve
 
@@ -92,32 +94,34 @@ def test_serve_encode_over_http(pipeline):
     serve.start(http_options={"host": "127.0.0.1", "port": config.port})
     try:
         serve.run(build_app(config), name="vlsae-test", route_prefix="/")
-        url = f"http://127.0.0.1:{config.port}/encode"
+        url = f"http://127.0.0.1:{config.port}/v1/encode"
         image = load_image(package_photo_items(3)[2]["id"])  # a real photo, not from the dataset
         png = io.BytesIO()
         image.save(png, format="PNG")
 
-        def post(data, name="x.png"):
-            return requests.post(url, files={"image": (name, data)}, timeout=60)
+        def post(data: bytes):
+            return requests.post(
+                url, json={"sae": "demo", "images": [base64.b64encode(data).decode()]}, timeout=60
+            )
 
         good = post(png.getvalue())
-        assert good.status_code == 200
-        backbone, sae = Backbone(config.backbone), SparseAutoencoder.load(config.sae)
+        assert good.status_code == 200, good.text
+        served = config.saes["demo"]
+        backbone, sae = Backbone(config.backbone), SparseAutoencoder.load(served.sae)
         with torch.no_grad():
             x = backbone.activations([BLOCK], pixels=backbone.pixels([image]), item_ids=["image"])[BLOCK]
             z = sae.encode(x.values)[0]
         values, latents = z.topk(config.top_k)
         expected = [(int(j), float(v)) for j, v in zip(latents, values, strict=True) if v > 0]
-        got = [(item["latent"], item["activation"]) for item in good.json()["latents"]]
+        got = [(item["latent"], item["activation"]) for item in good.json()["results"][0]["latents"]]
         assert [j for j, _ in got] == [j for j, _ in expected]
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4, abs=1e-5)
 
-        bad = post(b"%PDF-1.4 definitely not a picture", "doc.pdf")
-        assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
-        assert post(b"").status_code == 400
+        bad = post(b"%PDF-1.4 definitely not a picture")
+        assert bad.status_code == 400 and "format" in bad.json()["detail"]
         truncated = post(png.getvalue()[:200])
-        assert truncated.status_code == 400 and "not an image" in truncated.json()["detail"]
-        assert requests.post(url, timeout=60).status_code == 422  # no file field at all
+        assert truncated.status_code == 400 and "cannot be read" in truncated.json()["detail"]
+        assert requests.post(url, timeout=60).status_code == 422  # no body at all
         assert post(png.getvalue()).json() == good.json()  # still serving, same answer
     finally:
         serve.shutdown()

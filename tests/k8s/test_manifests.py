@@ -541,7 +541,7 @@ def test_podmonitor_component_scrapes_the_metrics_port(tmp_path, kustomize):
 # own folders and JSON-patch paths. Any other one is a folder of the machine that wrote it.
 ABSOLUTE_PATH = re.compile(r"(?:^|[\s:=\"'(\[,])(/[\w.${}-]+(?:/[\w.${}*-]*)*)")
 IMAGE_PATH = re.compile(
-    r"/app(/jobs/configs)?|/opt/venv(/bin)?|/home/ray(/\.cache/torch_extensions|/vlsae-demo)?|/tmp(/ray)?"
+    r"/app(/jobs/configs)?|/opt/venv(/bin)?|/home/ray(/\.cache/torch_extensions|/vlsae-demo)?|/tmp(/ray)?|/etc/vlsae(/api-keys)?"
     r"|/dev/(shm|sda1)|/bin/bash|/var/lib/apt/lists/\*|/spec/[\w/-]+"
 )
 

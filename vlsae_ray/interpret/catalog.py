@@ -59,9 +59,13 @@ SCHEMA = pa.schema(
 )
 
 
-def write_catalog(uri: str, columns: dict[str, list], config: dict) -> None:
-    """Write the catalog's columns (names as in SCHEMA) as one parquet object at `uri`."""
-    table = pa.table(columns, schema=SCHEMA.with_metadata({"vlsae_label_config": json.dumps(config)}))
+def write_catalog(uri: str, columns: dict[str, list], config: dict, rows: int | None = None) -> None:
+    """Write the catalog's columns (names as in SCHEMA) as one parquet object at `uri`; `rows`:
+    the activation rows the label run read (the denominator of a latent's firing density)."""
+    metadata = {"vlsae_label_config": json.dumps(config)}
+    if rows is not None:
+        metadata["vlsae_rows"] = str(rows)
+    table = pa.table(columns, schema=SCHEMA.with_metadata(metadata))
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(uri, buffer.getvalue())
@@ -72,6 +76,12 @@ def max_activations(catalog: pa.Table) -> dict[int, float]:
     of relative steering strengths (`vlsae_ray.steer.steered(..., max_activations=...)`)."""
     rows = catalog.select(["latent", "top_activations"]).to_pylist()
     return {row["latent"]: row["top_activations"][0] for row in rows if row["top_activations"]}
+
+
+def catalog_rows(catalog: pa.Table) -> int | None:
+    """The activation rows the label run read (None for a catalog written before this was recorded)."""
+    rows = (catalog.schema.metadata or {}).get(b"vlsae_rows")
+    return None if rows is None else int(rows)
 
 
 def read_catalog(uri: str) -> pa.Table:

@@ -379,7 +379,7 @@ def _label(config: LabelConfig, sae, vocabulary: list[str], gpus: float) -> Labe
         "steerability": [None] * n_latents,  # the steer job measures it
     }
     catalog = storage.join(config.output, CATALOG_FILE)
-    write_catalog(catalog, columns, config.model_dump(mode="json"))
+    write_catalog(catalog, columns, config.model_dump(mode="json"), images.rows)
     latents_named = sum(name is not None for name in names.name) if names else 0
     summary = LabelSummary(
         catalog=catalog,

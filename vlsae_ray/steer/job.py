@@ -29,7 +29,7 @@ from vlsae_ray.backbones import load_backbone
 from vlsae_ray.backbones.backbone import LIBRARIES
 from vlsae_ray.config import SteerConfig
 from vlsae_ray.devices import assigned_device, gpu_request
-from vlsae_ray.interpret.catalog import SCHEMA, read_catalog, write_catalog
+from vlsae_ray.interpret.catalog import SCHEMA, catalog_rows, read_catalog, write_catalog
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
 from vlsae_ray.sae import SparseAutoencoder
@@ -208,7 +208,7 @@ def _write_steerability(uri: str, catalog: pa.Table, steerability: dict[int, flo
     columns["steerability"] = [steerability.get(latent) for latent in columns["latent"]]
     metadata = catalog.schema.metadata or {}
     config = json.loads(metadata.get(b"vlsae_label_config", b"{}"))
-    write_catalog(uri, columns, config)
+    write_catalog(uri, columns, config, catalog_rows(catalog))
 
 
 def _markdown(config: SteerConfig, summary: dict, n_found: int) -> str:
