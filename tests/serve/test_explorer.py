@@ -7,6 +7,7 @@ the screenshots the README shows to docs/explorer/.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -73,8 +74,10 @@ def test_search_finds_a_latent_whose_top_images_share_the_concept(open_page):
     page = open_page("#/search")
     page.get_by_label("Concept name").fill(CONCEPT)
     page.get_by_label("Concept name").press("Enter")
+    found = page.locator("#found")  # each render says what it shows: wait for it before the next step
+    expect(found).to_have_text(re.compile(f"match “{CONCEPT}”; the first .* by MS"))
     page.get_by_role("button", name="Confidence").click()
-    page.wait_for_selector("th[aria-sort] >> text=Confidence")
+    expect(found).to_have_text(re.compile(f"match “{CONCEPT}”; the first .* by Confidence"))
     first = page.locator("table.results tbody tr").first
     assert CONCEPT in first.locator("td").nth(1).inner_text()
     page.screenshot(path=SHOTS / "search.png")
