@@ -18,6 +18,7 @@ we require the confident ones to be right at least 75% of the time and more ofte
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 import torch
 
@@ -146,7 +147,7 @@ def test_names_and_their_confidence_on_a_held_out_seed_and_split(held_out_world)
     assert len(scored) > 0.9 * len(named) and sum(scored) / len(scored) > 0.7  # names predict firing
 
 
-def test_catalog_rows_are_the_exact_top_k_and_firing_counts(world_sae, labelled_world):
+def test_catalog_rows_are_the_exact_top_k_firing_counts_and_histograms(world_sae, labelled_world):
     ids, _, z_nf, _, _ = world_sae
     _, summary = labelled_world
     catalog = read_catalog(summary.catalog).to_pylist()
@@ -157,6 +158,12 @@ def test_catalog_rows_are_the_exact_top_k_and_firing_counts(world_sae, labelled_
         assert row["top_source_ids"] == [ids[i] for i, v in zip(rows, values, strict=True) if v > 0]
         assert row["top_activations"] == pytest.approx([v for v in values if v > 0], rel=1e-5)
         assert row["firing_count"] == int((z_nf[:, j] > 0).sum())
+        if row["firing_count"]:  # the activation histogram: numpy's over the catalog's bins
+            positive = z_nf[:, j][z_nf[:, j] > 0].numpy()
+            edges = np.array(row["histogram_edges"], dtype=np.float32)
+            assert row["histogram_counts"] == np.histogram(positive, bins=edges)[0].tolist()
+        else:
+            assert row["histogram_edges"] is None and row["histogram_counts"] is None
         assert row["top_captions"] is None
         assert row["naming"] == "activations"
         if row["firing_count"] == 0:

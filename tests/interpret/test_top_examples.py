@@ -1,10 +1,16 @@
 """The distributed top-k of the label job against one exact sorted pass over the whole dataset."""
 
+import numpy as np
 import pytest
 import torch
 
 from vlsae_ray.eval.top_rows import TopK, merge_top_k
-from vlsae_ray.interpret.top_examples import top_examples
+from vlsae_ray.interpret.top_examples import (
+    HISTOGRAM_EDGES,
+    histogram_bins,
+    top_examples,
+    trimmed_histogram,
+)
 from vlsae_ray.sae import build_sae
 from vlsae_ray.sae.kernels import SparseLatents
 
@@ -83,3 +89,37 @@ def test_distributed_top_k_equals_single_process_exact_top_k(ray_cluster, tied_d
     tied_at_kth = [j for j in range(z_nf.shape[1]) if kth_f[j] > 0 and (z_nf[:, j] == kth_f[j]).sum() > 1]
     assert tied_at_kth and (top.firing_count_f[never] == 0).all()
     assert top.rows_kf[:, never].tolist() == [[i] * 3 for i in range(5)]
+
+
+def numpy_histogram(values: torch.Tensor, edges: list[float]) -> list[int]:
+    """numpy's histogram of the positive values over `edges`, values outside the label job's bins
+    counted in its end bins."""
+    positive = values[values > 0].numpy()
+    inside = np.clip(positive, HISTOGRAM_EDGES[0].item(), HISTOGRAM_EDGES[-1].item())
+    return np.histogram(inside, bins=np.array(edges, dtype=np.float32))[0].tolist()
+
+
+def test_activation_histograms_equal_numpy_histograms(ray_cluster, tied_dataset):
+    """Dyadic activations land exactly on the bins' power-of-two edges: numpy's rule decides them."""
+    dataset, sae, z_nf, never = tied_dataset
+    top = top_examples(dataset, sae, k=5, batch_size=16)
+    on_an_edge = 0
+    for j in range(z_nf.shape[1]):
+        edges, counts = trimmed_histogram(top.histogram_fb[j])
+        if not (z_nf[:, j] > 0).any():
+            assert edges is None and counts is None and top.firing_count_f[j] == 0
+            continue
+        assert j not in never
+        assert len(edges) == len(counts) + 1 and counts[0] > 0 and counts[-1] > 0
+        assert counts == numpy_histogram(z_nf[:, j], edges)
+        assert sum(counts) == top.firing_count_f[j] == (z_nf[:, j] > 0).sum()
+        on_an_edge += int(torch.isin(z_nf[:, j], HISTOGRAM_EDGES).sum())
+    assert on_an_edge > 0
+
+
+def test_histogram_bins_put_values_outside_the_edges_in_the_end_bins():
+    values = torch.tensor([1e-9, 2.0**-16, 0.3, 1.0, 2.0**16, 1e9])
+    bins = histogram_bins(values)
+    assert bins.tolist()[:2] == [0, 0] and bins.tolist()[-2:] == [len(HISTOGRAM_EDGES) - 2] * 2
+    counts = torch.bincount(bins, minlength=len(HISTOGRAM_EDGES) - 1).tolist()
+    assert counts == numpy_histogram(values, HISTOGRAM_EDGES.tolist())

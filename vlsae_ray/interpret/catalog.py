@@ -9,8 +9,12 @@ probability of the name over the vocabulary), `heldout_auroc` (how well the name
 predicts where the latent fires on held-out images; 0.5 is no better than chance), `naming` (the
 method), `firing_count` (rows on which the latent is positive), `top_source_ids` and
 `top_activations` (its top-k rows, largest first, positive activations only), for a VL-SAE
-`top_captions` and `top_caption_activations` (its top-k text rows), and `steerability` (written by
-the steer job: its best flip rate times hold rate, null until measured). Naming columns are null when
+`top_captions` and `top_caption_activations` (its top-k text rows), `histogram_edges` and
+`histogram_counts` (the histogram of its positive activations over the image rows, in the label
+job's fixed log-spaced bins, `top_examples.HISTOGRAM_EDGES`, trimmed to the span of non-empty bins:
+counts[i] activations lie in [edges[i], edges[i+1]), the last bin closed; null for a latent that
+never fired; the counts add up to `firing_count`), and `steerability` (written by the steer job: its
+best flip rate times hold rate, null until measured). Naming columns are null when
 the run did not name latents or the latent never fired. The file's metadata records the label
 config. See `vlsae_ray.interpret.naming` for the methods.
 
@@ -48,6 +52,8 @@ SCHEMA = pa.schema(
         ("top_activations", pa.list_(pa.float32())),
         ("top_captions", pa.list_(pa.string())),
         ("top_caption_activations", pa.list_(pa.float32())),
+        ("histogram_edges", pa.list_(pa.float32())),
+        ("histogram_counts", pa.list_(pa.int64())),
         ("steerability", pa.float32()),
     ]
 )

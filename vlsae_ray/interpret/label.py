@@ -52,7 +52,7 @@ from vlsae_ray.interpret.naming import (
     top_image_directions,
     zero_shot_log_probability,
 )
-from vlsae_ray.interpret.top_examples import TopExamples, top_examples
+from vlsae_ray.interpret.top_examples import TopExamples, top_examples, trimmed_histogram
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
 from vlsae_ray.sae import checkpoint
@@ -352,10 +352,14 @@ def _label(config: LabelConfig, sae, vocabulary: list[str], gpus: float) -> Labe
     n_latents = sae.config.n_latents
     columns: dict[str, list] = {name: [] for name in ("top_source_ids", "top_activations")}
     columns |= {"top_captions": [], "top_caption_activations": []}
+    columns |= {"histogram_edges": [], "histogram_counts": []}
     for latent in range(n_latents):
         ids, values = _examples(images, latent)
         columns["top_source_ids"].append(ids)
         columns["top_activations"].append(values)
+        edges, counts = trimmed_histogram(images.histogram_fb[latent])
+        columns["histogram_edges"].append(edges)
+        columns["histogram_counts"].append(counts)
         caption_list, caption_values = _examples(texts, latent, captions) if texts else (None, None)
         columns["top_captions"].append(caption_list)
         columns["top_caption_activations"].append(caption_values)
