@@ -47,6 +47,8 @@ api = FastAPI(
     description="Named SAE concepts of images and captions, and steering, over HTTP.",
     generate_unique_id_function=lambda route: route.name,  # operation ids: the handlers' names
 )
+# mounted before the ingress is declared: Serve routes only what the app holds at that point
+api.mount("/static", StaticFiles(directory=STATIC), name="static")
 bearer = HTTPBearer(auto_error=False, description="an API key of the server")
 
 
@@ -281,9 +283,6 @@ class APIService:
             tokens=request.tokens,
         )
         return schemas.SteerResponse(sae=request.sae, **answer)
-
-
-api.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
 
 
 def build_app(config: ServeConfig):
