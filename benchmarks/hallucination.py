@@ -134,11 +134,12 @@ def mitigate(model, processor, aligner, sae, setting, images, questions, max_new
     )
 
 
-def run(seeds, n: int, train_items: int, sweeps: list[str]) -> dict:
+def run(seeds, n: int, train_items: int, sweeps: list[str], out: Path) -> None:
+    """Each seed's results to OUT/seed-S.json as soon as it is done (seeds may run in parallel
+    processes on one OUT; `merge` gathers them)."""
     torch.set_num_threads(2)
     model, processor = load_world_llava()
     settings = [{**DEFAULTS, **change} for name in sweeps for change in SWEEPS[name]]
-    results = {"settings": settings, "seeds": {}}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
@@ -153,9 +154,26 @@ def run(seeds, n: int, train_items: int, sweeps: list[str]) -> dict:
         for setting in settings:
             mitigated = functools.partial(mitigate, model, processor, aligner, sae, setting)
             runs[json.dumps(setting, sort_keys=True)] = measure(mitigated, items)
-        results["seeds"][seed] = {"train_seconds": train_s, "aligner": aligner_metrics, "runs": runs}
+        result = {
+            "settings": settings,
+            "n": n,
+            "train_seconds": train_s,
+            "aligner": aligner_metrics,
+            "runs": runs,
+        }
+        (out / f"seed-{seed}.json").write_text(json.dumps(result, indent=1))
         print(f"seed {seed}: trained in {train_s:.0f} s; {summary_line(runs)}", flush=True)
-    return results
+
+
+def merge(out: Path) -> dict:
+    """{settings, seeds: {seed: result}} of every OUT/seed-S.json (the settings they share)."""
+    seeds = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(out.glob("seed-*.json"))}
+    if not seeds:
+        raise SystemExit(f"no seed-*.json in {out}: run the benchmark first")
+    settings = [
+        s for s in next(iter(seeds.values()))["settings"] if all(s in r["settings"] for r in seeds.values())
+    ]
+    return {"settings": settings, "seeds": seeds}
 
 
 def headline(run: dict) -> dict[str, float]:
@@ -179,7 +197,7 @@ def summary_line(runs: dict) -> str:
 def table(results: dict) -> str:
     """Mean ± std over seeds of every run's headline numbers, as a markdown table."""
     seeds = list(results["seeds"].values())
-    names = list(seeds[0]["runs"])
+    names = ["plain", *(json.dumps(setting, sort_keys=True) for setting in results["settings"])]
     columns = [*headline(seeds[0]["runs"]["plain"]), "cost_x_plain"]
     lines = ["| decoding | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in names:
@@ -238,19 +256,14 @@ def main() -> None:
     parser.add_argument("--train-items", type=int, default=4096, help="world training items per seed")
     parser.add_argument("--sweep", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument(
-        "--report", action="store_true", help="only redraw the table and figure from OUT's JSON"
-    )
+    parser.add_argument("--report", action="store_true", help="only merge OUT's seed files and redraw")
     args = parser.parse_args()
     out = Path(args.out)
-    if args.report:
-        results = json.loads((out / "hallucination.json").read_text())
-    else:
-        start = time.perf_counter()
-        results = run(args.seeds, args.n, args.train_items, args.sweep)
-        results["args"] = vars(args) | {"wall_seconds": time.perf_counter() - start}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "hallucination.json").write_text(json.dumps(results, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        run(args.seeds, args.n, args.train_items, args.sweep, out)
+    results = merge(out)
+    (out / "hallucination.json").write_text(json.dumps(results, indent=1))
     (out / "hallucination.md").write_text(table(results) + "\n")
     plot(results, out / "hallucination.png")
     print(table(results))
