@@ -10,7 +10,9 @@ then the VL-SAE on its projections (`run_train`, Ray Train); then `--n` held-out
 with `answer` (plain greedy, cached) and `generate_mitigated` at each setting. Seeds change the
 training items, the training seed and the test images.
 
-    python benchmarks/hallucination.py                  # 3 seeds, n=60
+    python benchmarks/hallucination.py                  # 3 seeds, n=40, 1024 training items
+    python benchmarks/hallucination.py --seeds 1 &      # or one process per seed on one --out,
+    python benchmarks/hallucination.py --report         # then merge their seed-S.json files
     python benchmarks/hallucination.py --seeds 0 --n 60 --sweep defaults   # a quick look
 
 Writes benchmarks/results/hallucination.{json,md} and hallucination.png (the curves).
@@ -252,8 +254,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--n", type=int, default=60, help="held-out test images per seed")
-    parser.add_argument("--train-items", type=int, default=4096, help="world training items per seed")
+    parser.add_argument("--n", type=int, default=40, help="held-out test images per seed")
+    parser.add_argument("--train-items", type=int, default=1024, help="world training items per seed")
     parser.add_argument("--sweep", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", action="store_true", help="only merge OUT's seed files and redraw")
