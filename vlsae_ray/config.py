@@ -254,6 +254,24 @@ class TrainingConfig(Strict):
         return self
 
 
+class AlignerTrainingConfig(Strict):
+    """The LLaVA aligner trained before the VL-SAE (`vlsae_ray.sae.aligner`), on the same paired
+    datasets, with `training`'s workers and seed; the VL-SAE then trains on its projections.
+
+    Defaults are the VL-SAE authors' (`train_aux.py`); a small dataset needs a smaller batch and a
+    larger rate (the world LLaVA's config uses batch 256 and lr 1e-3).
+    """
+
+    d_proj: int | None = Field(
+        None, gt=0, description="width of the projections (the VL-SAE's d_in); None: the hidden states' width"
+    )
+    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature")
+    batch_size: int = Field(2048, gt=0, description="global batch of image-caption pairs")
+    epochs: int = Field(50, gt=0)
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate, cosine-annealed to 0 over the run")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+
+
 class TrainConfig(Strict):
     activations: str = Field(
         description="URI of an activation dataset (a folder with manifest.json); for a VL-SAE the image side"
@@ -269,6 +287,12 @@ class TrainConfig(Strict):
         description="text_activations holds the same items as activations, one row per item in the same "
         "shards (one extraction job with both hook points; checked before launch), so each batch holds "
         "image-caption pairs; false: two independent datasets",
+    )
+    aligner: AlignerTrainingConfig | None = Field(
+        None,
+        description="LLaVA hidden states: first train the VL-SAE authors' aligner on the paired datasets "
+        "(saved to OUTPUT/aligner), project both to OUTPUT/aligned/{image,text}, and train the VL-SAE on "
+        "the projections; None: the VL-SAE trains on the datasets as they are",
     )
     sae: SAEConfig
     sweep: list[dict[str, Any]] = Field(
@@ -289,6 +313,18 @@ class TrainConfig(Strict):
                     raise ValueError(
                         f"text_activations is for a VL-SAE, but {where} has architecture "
                         f"{sae.architecture!r}: remove text_activations or set architecture: vl_sae"
+                    )
+        if self.aligner is not None:
+            if self.text_activations is None or not self.paired:
+                raise ValueError(
+                    "aligner needs paired image and text datasets: set text_activations, paired: true"
+                )
+            d_proj = self.aligner.d_proj
+            for i, (_, sae) in enumerate(runs):
+                if d_proj is not None and sae.d_in != d_proj:
+                    where = f"sweep[{i}]" if self.sweep else "sae"
+                    raise ValueError(
+                        f"{where} has d_in={sae.d_in}, but the aligner projects to d_proj={d_proj}"
                     )
         return self
 

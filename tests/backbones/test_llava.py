@@ -7,6 +7,7 @@ import torch
 
 from vlsae_ray import storage
 from vlsae_ray.backbones import hook_dims, load_backbone, required_inputs, valid_hook_points
+from vlsae_ray.backbones.hooks import run_with_hooks
 from vlsae_ray.config import BackboneConfig, TokenConfig
 
 CAPTIONS = ["a red circle", "two small blue squares to the left of a green star"]
@@ -69,6 +70,39 @@ def test_language_means_equal_hidden_states_of_each_prompt_alone(backbone, image
         assert rows[name].values.shape == (2, backbone.model.config.text_config.hidden_size)
 
 
+@torch.no_grad()
+def test_chat_means_are_the_authors_reduction(backbone, images):
+    """`:chat_*_mean` at layer i: the hidden state entering layer i (the output of layer i - 1) on
+    "USER: <image>\n{caption} ASSISTANT:", the text mean over every token after the image."""
+    pixels = backbone.pixels(images(2))
+    hooks = [f"language_model.layers.{i}:chat_{part}_mean" for i in (0, 2) for part in ("image", "text")]
+    rows = backbone.activations(hooks, pixels=pixels, texts=CAPTIONS, item_ids=["a", "b"])
+    model, n_image = backbone.model.model, 64
+    vocab, image_id = backbone.tokenizer.get_vocab(), backbone.model.config.image_token_id
+    for b, caption in enumerate(CAPTIONS):
+        words = [
+            "user",
+            ":",
+            *[None] * n_image,
+            *re.findall(r"\w+|[^\w\s]+", caption.lower()),
+            "assistant",
+            ":",
+        ]
+        ids = torch.tensor([[vocab["<s>"], *[image_id if w is None else vocab[w] for w in words]]])
+        image_t, text_t = slice(3, 3 + n_image), slice(3 + n_image, ids.shape[1])
+        captured, out = run_with_hooks(
+            model,
+            ["language_model.layers.1"],
+            lambda: model(input_ids=ids, pixel_values=pixels[b : b + 1], output_hidden_states=True),  # noqa: B023
+        )
+        inputs = {0: out.hidden_states[0][0]}  # the embeddings, image features merged in
+        inputs[2] = captured["language_model.layers.1"][0]  # layer 1's output enters layer 2
+        for i, h_td in inputs.items():
+            for part, t in (("image", image_t), ("text", text_t)):
+                value = rows[f"language_model.layers.{i}:chat_{part}_mean"].values[b]
+                torch.testing.assert_close(value, h_td[t].mean(0), rtol=1e-4, atol=1e-5)
+
+
 def test_hook_points_dims_and_errors(backbone, images):
     points = valid_hook_points(backbone.config)
     assert points["vision_tower.encoder.layers.3"] == "image"
@@ -84,7 +118,7 @@ def test_hook_points_dims_and_errors(backbone, images):
     with pytest.raises(
         ValueError,
         match=rf"'language_model.layers.{last + 1}:text_mean' is not in this model; valid "
-        rf"hook points: vision_tower.encoder.layers.0, .*language_model.layers.{last}:text_mean$",
+        rf"hook points: vision_tower.encoder.layers.0, .*language_model.layers.{last}:chat_text_mean$",
     ):
         hook_dims(backbone.config, [f"language_model.layers.{last + 1}:text_mean"])
     with pytest.raises(ValueError, match=r"'language_model.layers.0:text_mean' reads texts, but texts=None"):

@@ -198,6 +198,11 @@ def run_train(config: TrainConfig) -> TrainSummary:
     paths = {"activations": config.activations, "output": config.output}
     paths["text_activations"] = config.text_activations
     config = config.model_copy(update={k: storage.absolute(v) for k, v in paths.items() if v is not None})
+    aligner_metrics = {}
+    if config.aligner is not None:  # LLaVA: the VL-SAE trains on the aligner's projections
+        from vlsae_ray.train.align import run_align
+
+        config, aligner_metrics = run_align(config)
     # The user's mistakes fail here, once, before any worker starts (not as retried worker failures).
     check_training_data(config.sae.d_in, config.activations, config.text_activations, config.paired)
     if config.text_activations is None and any(sae.architecture == "vl_sae" for _, sae in config.sae_runs()):
@@ -231,7 +236,8 @@ def run_train(config: TrainConfig) -> TrainSummary:
         steps=int(results[0].get("steps", 0)),
         samples=int(results[0].get("samples", 0)),
         samples_per_second=float(results[0].get("samples_per_second", 0.0)),
-        metrics=_named(config, [{k: v for k, v in r.items() if k not in summary} for r in results]),
+        metrics=_named(config, [{k: v for k, v in r.items() if k not in summary} for r in results])
+        | aligner_metrics,
     )
 
 
