@@ -10,13 +10,15 @@ on the same images; ratio = served requests/s / in-process images/s.
 
 The replica reserves all of the local Ray's CPUs (`cpus_per_replica`), so its torch runs on as many
 threads as the in-process forward (torch's default: one per core). The clients run in this process,
-on the same cores; the CPU each role (clients, Serve's HTTP proxy, the replica) spent per request
-is reported too.
+on the same cores. Since other users share these cores, CPU time is reported too, as it depends
+less on their load than wall time: the CPU ms each role (clients, Serve's HTTP proxy, the replica)
+spent per request, the in-process forward's CPU ms per image, and their CPU ratio (in-process CPU
+per image / served CPU per request, all roles).
 
 Two models: the built-in world CLIP (tiny: HTTP, JSON and PNG decoding per request dominate) and
 open_clip ViT-B-32 built from its config with random weights (`pretrained=None`; no download).
 
-`drive` and `summary` are the load client of `tests/serve/test_load.py` too.
+The load client (`serve.load`) is the one `tests/serve/test_load.py` uses.
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.serve [--models world-clip ViT-B-32] [--out DIR]
 """
@@ -24,106 +26,13 @@ open_clip ViT-B-32 built from its config with random weights (`pretrained=None`;
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import io
 import json
 import os
-import statistics
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
-
-@dataclass
-class Call:
-    """One request of a load run: when it was sent and answered (perf_counter s) and its status
-    (0: no HTTP answer, e.g. the connection was dropped)."""
-
-    route: str
-    start: float
-    end: float
-    status: int
-
-
-async def _client(session, base: str, requests: list[tuple], count: int, stop, calls: list[Call]) -> None:
-    for j in range(count):
-        if stop is not None and stop.is_set():
-            return
-        method, route, body = requests[j % len(requests)]
-        start = time.perf_counter()
-        try:
-            async with session.request(method, base + route, json=body) as response:
-                await response.read()
-                status = response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            status = 0
-        calls.append(Call(route, start, time.perf_counter(), status))
-
-
-def drive(
-    base: str,
-    key: str | None,
-    requests: list[tuple[str, str, dict | None]],
-    clients: int,
-    per_client: int,
-    stop: threading.Event | None = None,
-    calls: list[Call] | None = None,
-) -> list[Call]:
-    """`clients` concurrent clients, each sending `per_client` requests (method, route, JSON body) in
-    turn, client i starting at requests[i % len]; a client stops early once `stop` is set. Each
-    answered request is appended to `calls` as it comes (to watch a run from another thread)."""
-    calls = [] if calls is None else calls
-
-    async def run() -> list[Call]:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with aiohttp.ClientSession(
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=300),
-            connector=aiohttp.TCPConnector(limit=clients),
-        ) as session:
-            await asyncio.gather(
-                *(
-                    _client(
-                        session,
-                        base,
-                        requests[i % len(requests) :] + requests[: i % len(requests)],
-                        per_client,
-                        stop,
-                        calls,
-                    )
-                    for i in range(clients)
-                )
-            )
-        return calls
-
-    return asyncio.run(run())
-
-
-def summary(calls: list[Call]) -> dict:
-    """Requests, errors (not 200), answered requests/s over the run's wall time, p50 and p99 in ms."""
-    latencies = sorted((c.end - c.start) * 1000 for c in calls)
-    wall = max(c.end for c in calls) - min(c.start for c in calls)
-    centiles = statistics.quantiles(latencies, n=100, method="inclusive")
-    ok = sum(c.status == 200 for c in calls)
-    return {
-        "requests": len(calls),
-        "errors": len(calls) - ok,
-        "requests_per_s": round(ok / wall, 1),
-        "p50_ms": round(centiles[49], 1),
-        "p99_ms": round(centiles[98], 1),
-    }
-
-
-def png(image) -> str:
-    """An image as the API takes it: PNG bytes in base64."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+from serve.load import drive, png, summary
 
 
 def models() -> dict:
@@ -143,13 +52,14 @@ def models() -> dict:
     }
 
 
-def in_process(interpreter, served, images: list, batch_size: int) -> float:
-    """Images/s of `Interpreter.image_codes` on batches of `batch_size`."""
+def in_process(interpreter, served, images: list, batch_size: int) -> tuple[float, float]:
+    """Images/s of `Interpreter.image_codes` on batches of `batch_size`, and its CPU ms per image."""
     interpreter.image_codes([(served, image) for image in images[:batch_size]])  # warm-up
-    start = time.perf_counter()
+    cpu, start = cpu_seconds()["client"], time.perf_counter()
     for i in range(0, len(images), batch_size):
         interpreter.image_codes([(served, image) for image in images[i : i + batch_size]])
-    return len(images) / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return len(images) / wall, 1000 * (cpu_seconds()["client"] - cpu) / len(images)
 
 
 def serve_one(config, name: str) -> str:
@@ -201,7 +111,7 @@ def bench_model(name: str, root: str, port: int, cpus: float) -> list[dict]:
     images = [item.image for item in generate_items(n_images, seed=5)]
     interpreter = Interpreter(backbone)
     served = interpreter.load("sae", config.saes["sae"])
-    local = in_process(interpreter, served, images, config.max_batch_size)
+    local, local_cpu_ms = in_process(interpreter, served, images, config.max_batch_size)
     del interpreter, served
     base = serve_one(config, name)
     bodies = [("POST", "/v1/encode", {"sae": "sae", "images": [png(image)]}) for image in images[:64]]
@@ -223,6 +133,8 @@ def bench_model(name: str, root: str, port: int, cpus: float) -> list[dict]:
                 "in_process_images_per_s": round(local, 1),
                 "ratio": round(result["requests_per_s"] / local, 2),
                 "cpu_ms_per_request": cpu_ms,
+                "in_process_cpu_ms_per_image": round(local_cpu_ms, 1),
+                "cpu_ratio": round(local_cpu_ms / sum(cpu_ms.values()), 2),
                 "batch_size": config.max_batch_size,
                 "torch_threads_in_process": torch.get_num_threads(),
                 "replica_cpus": cpus,
@@ -263,14 +175,14 @@ def main() -> None:
     (out / "serve.json").write_text(json.dumps(rows, indent=1))
     table = [
         "| model | clients | requests | requests/s | p50 ms | p99 ms | in-process images/s | ratio | "
-        "CPU ms per request: client, proxy, replica |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "CPU ms per request: client, proxy, replica | in-process CPU ms per image | CPU ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     table += [
         f"| {r['model']} | {r['clients']} | {r['requests']} | {r['requests_per_s']} | {r['p50_ms']} | "
         f"{r['p99_ms']} | {r['in_process_images_per_s']} | {r['ratio']} | "
         + ", ".join(str(r["cpu_ms_per_request"].get(k)) for k in ("client", "proxy", "replica"))
-        + " |"
+        + f" | {r['in_process_cpu_ms_per_image']} | {r['cpu_ratio']} |"
         for r in rows
     ]
     (out / "serve.md").write_text("\n".join(table) + "\n")

@@ -20,8 +20,8 @@ import ray
 from ray import serve
 from ray.util.state import list_actors
 
-from benchmarks.serve import Call, drive, png, summary
 from serve.app import build_app
+from serve.load import Call, drive, png, summary
 from vlsae_ray.config import ServeConfig
 from vlsae_ray.world import generate_items
 
