@@ -49,17 +49,19 @@ def drive(
     per_client: int,
     stop: threading.Event | None = None,
     calls: list[Call] | None = None,
+    timeout_s: float = 300,
 ) -> list[Call]:
     """`clients` concurrent clients, each sending `per_client` requests (method, route, JSON body) in
     turn, client i starting at requests[i % len]; a client stops early once `stop` is set. Each
-    answered request is appended to `calls` as it comes (to watch a run from another thread)."""
+    answered request is appended to `calls` as it comes (to watch a run from another thread); a
+    request unanswered after `timeout_s` counts as status 0."""
     calls = [] if calls is None else calls
 
     async def run() -> list[Call]:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with aiohttp.ClientSession(
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=300),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
             connector=aiohttp.TCPConnector(limit=clients),
         ) as session:
             await asyncio.gather(
