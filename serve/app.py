@@ -301,8 +301,8 @@ def build_app(config: ServeConfig):
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
-        ray_actor_options={"num_gpus": gpus},
-    ).bind(config.model_dump(mode="json"))
+        ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
+    ).bind(config.model_dump(mode="json", exclude_unset=True))  # as set: defaults are not "given"
 
 
 def app_builder(args: dict):

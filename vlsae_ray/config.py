@@ -673,6 +673,12 @@ class ServeConfig(Strict):
     gpus_per_replica: GPUs = Field(
         1.0, description="GPUs each replica requests when on GPU (backbone.device); below 1 shares one"
     )
+    cpus_per_replica: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each replica reserves; on CPU its torch threads too (the whole number of them, "
+        "at least 1), as Ray sets OMP_NUM_THREADS from it",
+    )
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ServeConfig:
