@@ -100,7 +100,7 @@ def world_artifacts(world_sae, tmp_path_factory, ray_cluster, write_dataset) -> 
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # its replica's CPU goes back to the other tests' jobs after these
 def served_world(world_artifacts, tmp_path_factory) -> ServedWorld:
     from ray import serve
 
@@ -109,7 +109,11 @@ def served_world(world_artifacts, tmp_path_factory) -> ServedWorld:
     keys = tmp_path_factory.mktemp("secret") / "api-keys"
     keys.write_text(f"{KEY}\nsecond-key\n")
     config = ServeConfig(
-        backbone=builtin_backbone(), saes=world_artifacts, port=free_port(), api_keys_file=str(keys)
+        backbone=builtin_backbone(),
+        saes=world_artifacts,
+        port=free_port(),
+        api_keys_file=str(keys),
+        cpus_per_replica=0.5,  # room beside it for the tests' own deployments on a 2-CPU Ray
     )
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name="vlsae-api-test", route_prefix="/")
