@@ -7,7 +7,7 @@ takes too long for the suite on 2 shared cores, so it runs when asked:
 Latencies are recorded (printed with -s), never asserted: the machines are shared and noisy.
 
 The fault and autoscaling tests serve their own applications under their own route prefixes beside
-the session's `served_world`, with fractional CPUs so that they fit beside it on a 2-CPU Ray.
+the package's `served_world`, with fractional CPUs so that they fit beside it on a 2-CPU Ray.
 """
 
 from __future__ import annotations
