@@ -193,6 +193,7 @@ class Interpreter:
             for row, i in enumerate(indices):
                 served = requests[i][0]
                 x_d = rows[served.config.hook_point].values[row]
+                # one row at a time: a batch-level SAE (BatchTopK) answers each image as if alone
                 codes[i] = served.sae.encode(x_d[None].to(self.device))[0].float().cpu()
         return codes
 
