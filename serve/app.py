@@ -36,6 +36,7 @@ from vlsae_ray import __version__, storage
 from vlsae_ray.config import ConfigError, ServeConfig, parse_config
 from vlsae_ray.devices import assigned_device, gpu_request
 from vlsae_ray.interpret.service import BadInputError, Interpreter, TooLargeError, decode_image, top_concepts
+from vlsae_ray.sae.base import load_config
 
 KEYS_ENV = "VLSAE_API_KEYS"
 STATIC = Path(__file__).parent / "static"
@@ -171,7 +172,7 @@ class APIService:
     async def list_saes(self) -> schemas.SAEList:
         infos = []
         for sae_id, entry in self.config.saes.items():
-            sae = (await self._served(sae_id)).sae.config
+            sae = await self._run(load_config, entry.sae)  # its config only: no weights, no LRU eviction
             infos.append(
                 schemas.SAEInfo(
                     id=sae_id,

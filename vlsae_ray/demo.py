@@ -8,7 +8,6 @@ rerun alone with `vlsae STAGE -c ROOT/configs/STAGE.yaml`.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import time
@@ -114,6 +113,7 @@ def _serve_check(config: ServeConfig) -> dict:
     from ray import serve
 
     from serve.app import build_app
+    from serve.load import png
     from vlsae_ray.activations.sources import load_image, package_photo_items
 
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -122,10 +122,7 @@ def _serve_check(config: ServeConfig) -> dict:
         progress.advance()
         url = f"http://{config.host}:{config.port}/v1/encode"
         item = package_photo_items(1)[0]
-        png = io.BytesIO()
-        load_image(item["id"]).save(png, format="PNG")
-        image = base64.b64encode(png.getvalue()).decode()
-        good = requests.post(url, json={"sae": "demo", "images": [image]}, timeout=60)
+        good = requests.post(url, json={"sae": "demo", "images": [png(load_image(item["id"]))]}, timeout=60)
         progress.advance()
         not_image = base64.b64encode(b"not an image").decode()
         bad = requests.post(url, json={"sae": "demo", "images": [not_image]}, timeout=60)

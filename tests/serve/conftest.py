@@ -9,8 +9,6 @@ API keys come from a keys file, as a mounted Kubernetes Secret gives them.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from dataclasses import dataclass
 
@@ -18,6 +16,7 @@ import pytest
 import requests
 import torch
 
+from serve.load import png
 from vlsae_ray.backbones import Backbone, builtin_backbone
 from vlsae_ray.config import LabelConfig, ServeConfig
 from vlsae_ray.eval import monosemanticity_score
@@ -41,12 +40,7 @@ class ServedWorld:
         headers = {"Authorization": f"Bearer {self.key if key is None else key}"} | kwargs.pop("headers", {})
         return requests.request(method, self.url + route, headers=headers, timeout=120, **kwargs)
 
-    @staticmethod
-    def png(image) -> str:
-        """An image as the API takes it: PNG bytes in base64."""
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
+    png = staticmethod(png)  # an image as the API takes it: PNG bytes in base64
 
 
 def _vl_sae(root: str) -> str:

@@ -31,7 +31,7 @@ def test_llava_steer_equals_steering_by_hand(llava_sae):
     image, question = generate_items(1, split="test", seed=3)[0].image, "What colour is the object?"
     edits = [{"latent": 5, "op": "set", "value": 50.0}, {"latent": 7, "op": "ablate", "value": None}]
     got = interpreter.steer(served, image, edits, relative=False, question=question)
-    model, processor = interpreter.backbone.model, interpreter._llava_processor()
+    model, processor = interpreter.backbone.model, interpreter.processor
     assert got["default"]["answer"] == answer(model, processor, [image], question)[0]
     with steered(model, VISION_FEATURE_HOOK, served.sae, {5: 50.0, 7: ABLATE}):
         assert got["steered"]["answer"] == answer(model, processor, [image], question)[0]

@@ -75,6 +75,13 @@ def load_tokenizer(config: BackboneConfig):
     return AutoTokenizer.from_pretrained(model_folder(config), padding_side="right")
 
 
+def load_processor(config: BackboneConfig):
+    """The processor saved with the model (tokenizer, chat template, image processor), for `generate`."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_folder(config))
+
+
 def hook_points(model: torch.nn.Module) -> dict[str, str]:
     base = model.model
     n_vision_layers = len(base.vision_tower.encoder.layers)

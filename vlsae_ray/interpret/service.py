@@ -157,7 +157,11 @@ class Interpreter:
         self.backbone = load_backbone(config, device)
         self.device = self.backbone.device
         self.llava = config.library == "llava"
-        self._processor = None
+        self.processor = None
+        if self.llava:
+            from vlsae_ray.backbones.llava import load_processor
+
+            self.processor = load_processor(config)
 
     def load(self, sae_id: str, config: ServedSAEConfig) -> ServedSAE:
         """Load an SAE, checked against the backbone's hook points and widths."""
@@ -249,22 +253,13 @@ class Interpreter:
         values = served.sae.encode(patches.to(self.device))[:, latent].float().cpu()
         return {"latent": latent, "grid": [side, side], "values": values.tolist()}
 
-    def _llava_processor(self):
-        if self._processor is None:
-            from transformers import AutoProcessor
-
-            from vlsae_ray.backbones.hf_clip import model_folder
-
-            self._processor = AutoProcessor.from_pretrained(model_folder(self.backbone.config))
-        return self._processor
-
     @torch.no_grad()
     def _output(self, image: Image.Image, labels: list[str] | None, question: str | None) -> dict:
         if self.llava:
             from vlsae_ray.world.llava import answer
 
             return {
-                "answer": answer(self.backbone.model, self._llava_processor(), [image], question)[0],
+                "answer": answer(self.backbone.model, self.processor, [image], question)[0],
                 "labels": None,
             }
         model = self.backbone.model

@@ -115,11 +115,9 @@ class Steerer:
         self.backbone, self.sae, self.hook_point, self.tokens = backbone, sae, hook_point, tokens
         self.llava = backbone.config.library == "llava"
         if self.llava:
-            from transformers import AutoProcessor
+            from vlsae_ray.backbones.llava import load_processor
 
-            from vlsae_ray.backbones.hf_clip import model_folder
-
-            self.processor = AutoProcessor.from_pretrained(model_folder(backbone.config))
+            self.processor = load_processor(backbone.config)
         else:
             from vlsae_ray.world.zeroshot import class_embeddings
 
