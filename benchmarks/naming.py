@@ -9,9 +9,9 @@ least 8 of the latent's 9 top images hold its concept (`ground_truth.held_names`
 latents are the quarter of latents with a full top-9 with the highest MS; chance is the rate of a
 uniformly random vocabulary name being right.
 
-`--fit` fits `naming.CALIBRATION` (a logistic regression of right on the held-out AUROC and the
-correlation's margin over the runner-up, on every latent with a full top-9 of the default seed) and
-prints it; the reliability tables check it, on the held-out seed too.
+`--fit` fits `naming.CALIBRATION` (a logistic regression of right on the name's top share, on every
+latent with a full top-9 of the default seed) and prints it; the reliability tables check it, on
+the held-out seed too.
 
     .venv/bin/python benchmarks/naming.py [--fit] [--items 2048]
 """
@@ -34,10 +34,10 @@ from vlsae_ray.interpret.naming import (
     PatternSums,
     TextEncoder,
     concept_embeddings,
-    heldout_auroc,
     in_heldout_fold,
     load_vocabulary,
-    names_from_scores,
+    specific_names,
+    top_share,
     zero_shot_log_probability,
 )
 from vlsae_ray.local_stack import connect_ray
@@ -96,37 +96,37 @@ def judge(catalog: list[dict], ms_f: torch.Tensor) -> dict:
 
 
 def fit_calibration(sae, ids: list[str], x_nd: torch.Tensor, e_nd: torch.Tensor) -> dict:
-    """Logistic regression (Newton's method) of right on (held-out AUROC, margin), for every latent
-    with a full top-9, from the label job's own functions run in one process."""
+    """Logistic regression (Newton's method) of right on the name's top share, for every latent with a
+    full top-9, from the label job's own functions run in one process."""
     encoder = TextEncoder(builtin_backbone())
     vocabulary = load_vocabulary("world")
     concepts_vd = concept_embeddings(encoder, vocabulary, LabelConfig.model_fields["prompts"].default)
     with torch.no_grad():
         z_nf = sae.encode(x_nd)
-    log_p_nv = zero_shot_log_probability(
-        torch.nn.functional.normalize(e_nd, dim=-1), concepts_vd, encoder.logit_scale
-    )
+    p_nv = zero_shot_log_probability(
+        torch.nn.functional.normalize(e_nd, dim=-1), concepts_vd, encoder.logit_scale, vocabulary.block_v
+    ).exp()
     heldout = torch.tensor(
         [in_heldout_fold(i, LabelConfig.model_fields["heldout_fraction"].default) for i in ids]
     )
     rows, latents = (z_nf[~heldout] > 0).nonzero(as_tuple=True)
-    sums = PatternSums.of(rows, latents, z_nf[~heldout][rows, latents], log_p_nv[~heldout], z_nf.shape[1])
-    names, margin_f = names_from_scores(sums.correlation(), vocabulary)
-    concept_f = torch.tensor([vocabulary.index(name) if name else -1 for name in names.name])
-    auroc_f = heldout_auroc(log_p_nv[heldout], *(z_nf[heldout] > 0).nonzero(as_tuple=True), concept_f)
+    sums = PatternSums.of(rows, latents, z_nf[~heldout][rows, latents], p_nv[~heldout], z_nf.shape[1])
+    names = specific_names(sums.agreement(), sums.mean_p(), vocabulary)
     top = z_nf.topk(TOP, dim=0)
-    judged = [f for f in range(z_nf.shape[1]) if (top.values[:, f] > 0).all() and not auroc_f[f].isnan()]
-    x = torch.tensor([[1.0, auroc_f[f], margin_f[f]] for f in judged], dtype=torch.float64)
+    judged = [f for f in range(z_nf.shape[1]) if (top.values[:, f] > 0).all() and names.name[f]]
+    concept_f = torch.tensor([vocabulary.index(names.name[f]) for f in judged])
+    share_f = top_share(p_nv[top.indices[:, judged], concept_f[None]], torch.ones(TOP, len(judged)))
+    x = torch.stack([torch.ones(len(judged)), share_f], 1).double()
     y = torch.tensor(
         [float(names.name[f] in held_names([ids[i] for i in top.indices[:, f].tolist()])) for f in judged],
         dtype=torch.float64,
     )
-    w = torch.zeros(3, dtype=torch.float64)
+    w = torch.zeros(2, dtype=torch.float64)
     for _ in range(50):
         p = torch.sigmoid(x @ w)
-        hessian = x.T @ (x * (p * (1 - p))[:, None]) + 1e-6 * torch.eye(3, dtype=torch.float64)
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + 1e-6 * torch.eye(2, dtype=torch.float64)
         w -= torch.linalg.solve(hessian, x.T @ (p - y))
-    return dict(zip(("bias", "auroc", "margin"), (round(float(v), 3) for v in w), strict=True))
+    return dict(zip(("bias", "top_share"), (round(float(v), 2) for v in w), strict=True))
 
 
 def main() -> None:

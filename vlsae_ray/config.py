@@ -479,8 +479,9 @@ class LabelConfig(SAETasksConfig):
     )
     naming: Literal["auto", "activations", "clip_dissect", "top_images", "decoder", "none"] = Field(
         "auto",
-        description="activations: correlate each latent's activations over the whole dataset with each "
-        "concept's zero-shot pattern (calibrated confidence, unnamed when unsure); clip_dissect: "
+        description="activations: the concept the images a latent fires on share beyond chance, each "
+        "image weighted by its activation over the whole dataset (calibrated confidence, unnamed when "
+        "unsure); clip_dissect: "
         "CLIP-Dissect's SoftWPMI over its top images; top_images: the mean embedding of its top images; "
         "these need `embeddings`. decoder: its decoder direction (only for an SAE trained on the "
         "embedding itself, e.g. hook `visual`); none: no names; auto: activations when `embeddings` is "
@@ -488,8 +489,9 @@ class LabelConfig(SAETasksConfig):
     )
     vocabulary: str | None = Field(
         None,
-        description="URI of a text file of concepts, one per line; default: the packaged vocabulary; "
-        "`world`: the concept world's concepts alone",
+        description="URI of a text file of concepts, one per line, each `#` line starting a block of "
+        "alternatives (colours, shapes, ...); default: the packaged vocabulary; `world`: the concept "
+        "world's concepts alone",
     )
     heldout_fraction: float = Field(
         0.2,

@@ -50,4 +50,5 @@ def test_demo_on_s3_exits_0_and_prints_its_most_monosemantic_latents(ray_cluster
     assert dead <= 20, dead
     named_right = sum(name.endswith("(right)") for name, _ in rows)
     print(f"\ndemo: {len(lines)} lines, dead {dead}%, {named_right} of 6 top latents named right")
-    assert named_right >= 3, stdout[-2000:]
+    # names are right for 98% of high-MS latents (benchmarks/naming.py): one wrong in six is 1 in 10 runs
+    assert named_right >= 5, stdout[-2000:]

@@ -8,13 +8,17 @@ import torch
 from vlsae_ray.config import ConfigError, LabelConfig, parse_config
 from vlsae_ray.interpret.naming import (
     PatternSums,
+    calibrated_confidence,
     clip_dissect_scores,
     heldout_auroc,
     in_heldout_fold,
     load_vocabulary,
     name_latents,
     names_from_scores,
+    specific_names,
     top_image_directions,
+    top_share,
+    zero_shot_log_probability,
 )
 
 
@@ -55,6 +59,15 @@ def test_vocabulary_file(tmp_path):
     path = tmp_path / "vocabulary.txt"
     path.write_text("# mine\nred\n\n blue \n")
     assert load_vocabulary(str(path)) == ["red", "blue"]
+    # a comment line starts a block of alternatives; blank lines do not
+    path.write_text("# intro\n\n# colours\nred\nblue\n\n# shapes\ncircles\nstars\n\ntriangles\n")
+    vocabulary = load_vocabulary(str(path))
+    assert vocabulary == ["red", "blue", "circles", "stars", "triangles"]
+    assert vocabulary.block_v.tolist() == [0, 0, 1, 1, 1]
+    assert load_vocabulary("world").block_v.unique().numel() == 7  # colours, shapes, ... backgrounds
+    path.write_text("# colours\nred\nblue\n# shapes\ncircles\n")
+    with pytest.raises(ValueError, match=r"\['circles'\] are alone in their block"):
+        load_vocabulary(str(path))
     path.write_text("red\nblue\nred\n")
     with pytest.raises(ValueError, match=r"lists \['red'\] more than once"):
         load_vocabulary(str(path))
@@ -76,24 +89,72 @@ def test_label_config_checks_naming_and_prompts():
         parse_config({**base, "prompts": ["a photo"]}, LabelConfig)
 
 
-def test_pattern_sums_give_pearson_correlation_over_merged_shards():
+def test_zero_shot_probabilities_within_blocks_by_hand():
+    g = torch.Generator().manual_seed(2)
+    unit_nd = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    concepts_vd = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    block_v = torch.tensor([0, 0, 1, 1, 1])
+    log_p_nv = zero_shot_log_probability(unit_nd, concepts_vd, 10.0, block_v)
+    for n in range(6):
+        for block in ([0, 1], [2, 3, 4]):
+            logits = [10.0 * float(unit_nd[n] @ concepts_vd[v]) for v in block]
+            total = sum(math.exp(logit) for logit in logits)
+            expected = [math.log(math.exp(logit) / total) for logit in logits]
+            assert log_p_nv[n, block].tolist() == pytest.approx(expected, abs=1e-5)
+    flat = zero_shot_log_probability(unit_nd, concepts_vd, 10.0)  # one block: CLIP's plain classifier
+    torch.testing.assert_close(flat, (10.0 * unit_nd @ concepts_vd.T).log_softmax(-1))
+
+
+def test_pattern_sums_give_the_chance_corrected_agreement_over_merged_shards():
     g = torch.Generator().manual_seed(0)
     z_nf = torch.relu(torch.randn(50, 4, generator=g))
-    z_nf[:, 3] = 0  # never fires: no correlation
-    s_nv = torch.randn(50, 3, generator=g)
+    z_nf[:, 3] = 0  # never fires: no agreement
+    p_nv = torch.rand(50, 3, generator=g)
 
     def sums(rows: slice) -> PatternSums:
         rows_n, latents_n = (z_nf[rows] > 0).nonzero(as_tuple=True)
-        return PatternSums.of(rows_n, latents_n, z_nf[rows][rows_n, latents_n], s_nv[rows], 4)
+        return PatternSums.of(rows_n, latents_n, z_nf[rows][rows_n, latents_n], p_nv[rows], 4)
 
-    r_fv = (sums(slice(0, 20)) + sums(slice(20, 50))).correlation()
-    expected = torch.corrcoef(torch.cat([z_nf[:, :3], s_nv], 1).T)[:3, 3:]
-    torch.testing.assert_close(r_fv[:3], expected, atol=1e-5, rtol=0)
-    assert r_fv[3].isnan().all()
-    names, margin_f = names_from_scores(r_fv, ["a", "b", "c"])
-    assert names.name[:3] == ["abc"[int(v)] for v in expected.argmax(1)] and names.name[3] is None
-    best = expected.topk(2, dim=1).values
-    torch.testing.assert_close(margin_f[:3], best[:, 0] - best[:, 1], atol=1e-5, rtol=0)
+    merged = sums(slice(0, 20)) + sums(slice(20, 50))
+    a_fv = merged.agreement()
+    for f in range(3):  # the activation-weighted share of the concept against its share of all rows
+        for v in range(3):
+            weighted = sum(float(z_nf[i, f] * p_nv[i, v]) for i in range(50)) / float(z_nf[:, f].sum())
+            base = float(p_nv[:, v].mean())
+            assert float(a_fv[f, v]) == pytest.approx((weighted - base) / (1 - base), abs=1e-5)
+    assert a_fv[3].isnan().all()
+    torch.testing.assert_close(merged.mean_p(), p_nv.mean(0))
+    # a latent firing exactly where a 0/1 concept holds agrees 1; one firing independently of it, 0
+    holds_n = torch.arange(40) % 4 == 0
+    z_n2 = torch.stack([holds_n.float(), (torch.arange(40) % 8 < 4).float()], 1)
+    rows_n, latents_n = z_n2.nonzero(as_tuple=True)
+    a = PatternSums.of(rows_n, latents_n, z_n2[rows_n, latents_n], holds_n.float()[:, None], 2).agreement()
+    assert a[:, 0].tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    names = names_from_scores(a_fv, ["a", "b", "c"])
+    assert names.name[:3] == ["abc"[int(v)] for v in a_fv[:3].argmax(1)] and names.name[3] is None
+    assert names.runner_up[:3] == ["abc"[int(v)] for v in a_fv[:3].topk(2, dim=1).indices[:, 1]]
+
+
+def test_the_most_specific_of_tied_concepts_is_the_name():
+    agreement_fv = torch.tensor(
+        [[0.95, 1.0, 0.5, 0.2], [0.5, 1.0, 0.2, 0.85], [0.7, 0.6, 0.65, 0.0], [float("nan")] * 4]
+    )
+    mean_p_v = torch.tensor([0.1, 0.5, 0.05, 0.3])
+    names = specific_names(agreement_fv, mean_p_v, ["rare", "common", "rarest", "mid"])
+    # latent 0: "rare" ties the best and is rarer; latent 1: "mid" is not within 0.1; latent 2: all
+    # within 0.1 of the best but "mid", so the rarest of them
+    assert names.name == ["rare", "common", "rarest", None]
+    assert names.runner_up[:3] == ["common", "mid", "rare"]
+    assert names.similarity[:3].tolist() == pytest.approx([0.95, 1.0, 0.65]) and names.similarity[3].isnan()
+
+
+def test_top_share_and_its_calibrated_confidence():
+    top_p_kf = torch.tensor([[0.9, 0.2, 0.7], [0.7, 0.4, 0.0], [0.8, 0.0, 0.0]])
+    valid_kf = torch.tensor([[True, True, False], [True, True, False], [True, False, False]])
+    share_f = top_share(top_p_kf, valid_kf)
+    assert share_f[:2].tolist() == pytest.approx([0.8, 0.3]) and share_f[2].isnan()
+    confidence_f = calibrated_confidence(torch.tensor([0.3, 0.8, 1.0]))
+    assert confidence_f[0] < 0.01 and confidence_f[2] > 0.99 and bool((confidence_f.diff() > 0).all())
 
 
 def test_heldout_auroc_is_the_rank_sum_auroc():

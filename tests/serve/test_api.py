@@ -145,8 +145,16 @@ def test_catalog_routes_equal_the_catalog(served_world, library):
     ).json()
     assert page["total"] == served.search(word, "confidence", 5, 0)[0] and 0 < len(page["latents"]) <= 5
     assert all(word in (s["name"] or "") + " " + (s["runner_up"] or "") for s in page["latents"])
-    confidences = [s["confidence"] for s in page["latents"] if s["confidence"] is not None]
-    assert confidences == sorted(confidences, reverse=True)
+    # latents named with the word come first (their runner-up alone second), each best first
+    in_name = [word in (s["name"] or "") for s in page["latents"]]
+    assert in_name == sorted(in_name, reverse=True) and in_name[0]
+    for group in (True, False):
+        confidences = [
+            s["confidence"]
+            for s, n in zip(page["latents"], in_name, strict=True)
+            if n == group and s["confidence"] is not None
+        ]
+        assert confidences == sorted(confidences, reverse=True)
 
 
 def test_every_route_but_healthz_needs_a_key(served_world):

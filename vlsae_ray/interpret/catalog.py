@@ -3,7 +3,7 @@
 Columns: `sae` (the checkpoint's URI) and `sae_sha256` (of its weights file, so a catalog row
 names the exact checkpoint even after the URI is overwritten), `latent`, `name` (null where the
 latent is unnamed: no concept of the vocabulary explains it), `runner_up`, `similarity` (the
-naming method's score of the best concept: correlation, SoftWPMI or cosine), `confidence` (for
+naming method's score of the best concept: agreement, SoftWPMI or cosine), `confidence` (for
 naming `activations` the calibrated probability that the name is right, else the softmax
 probability of the name over the vocabulary), `heldout_auroc` (how well the name's zero-shot score
 predicts where the latent fires on held-out images; 0.5 is no better than chance), `naming` (the

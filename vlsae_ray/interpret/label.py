@@ -7,8 +7,8 @@ Passes, each a Ray Data map over shards whose tasks request `gpus_per_task` GPUs
 cluster has GPUs and `device` allows: the top-k of the activation dataset (and of the text-side
 dataset for a VL-SAE; `top_examples`), then for naming `concept_pass` over the activation shards
 and the embedding shards of the same items: the SAE's latents against every concept's zero-shot
-log-probability (`naming.PatternSums`, on the items outside the held-out fold), the embeddings of
-the top rows' items and the held-out fold's rows for scoring names. For a VL-SAE named by
+probability (`naming.PatternSums`, on the items outside the held-out fold), the embeddings of the
+top rows' items and the held-out fold's rows for scoring names. For a VL-SAE named by
 `activations`, a second such pass over its captions (their embeddings are its text rows). The
 vocabulary is embedded once in the driver. Methods and confidence: `vlsae_ray.interpret.naming`.
 
@@ -41,6 +41,7 @@ from vlsae_ray.interpret.naming import (
     Names,
     PatternSums,
     TextEncoder,
+    Vocabulary,
     calibrated_confidence,
     clip_dissect_scores,
     concept_embeddings,
@@ -49,7 +50,9 @@ from vlsae_ray.interpret.naming import (
     load_vocabulary,
     name_latents,
     names_from_scores,
+    specific_names,
     top_image_directions,
+    top_share,
     zero_shot_log_probability,
 )
 from vlsae_ray.interpret.top_examples import TopExamples, top_examples, trimmed_histogram
@@ -87,8 +90,7 @@ def default_text_model(dataset: str) -> BackboneConfig:
 class ConceptPass(NamedTuple):
     """What naming needs from one pass over paired activation and embedding shards."""
 
-    sums: PatternSums  # latents against the concepts' zero-shot log-probabilities, naming fold
-    mean_p_v: torch.Tensor  # each concept's mean zero-shot probability over the naming fold
+    sums: PatternSums  # latents against the concepts' zero-shot probabilities, naming fold
     mean_unit_d: torch.Tensor  # the mean unit embedding of all rows
     unit_by_id: dict[str, torch.Tensor]  # unit embeddings of the wanted items
     heldout_s_nv: torch.Tensor  # the concepts' log-probabilities on the held-out fold's rows
@@ -121,7 +123,9 @@ def _shard_concepts(batch: dict, activations: str, embeddings: str, shards: dict
         )
     unit_nd = torch.nn.functional.normalize(e_md[[position[i] for i in source_ids]].float(), dim=-1)
     concepts_vd = torch.tensor(kwargs["concepts_vd"])
-    log_p_nv = zero_shot_log_probability(unit_nd, concepts_vd, kwargs["logit_scale"])
+    log_p_nv = zero_shot_log_probability(
+        unit_nd, concepts_vd, kwargs["logit_scale"], torch.tensor(kwargs["block_v"])
+    )
     rows, latents, values = [], [], []
     for start in range(0, x_nd.shape[0], kwargs["batch_size"]):
         z = sae.encode_sparse(x_nd[start : start + kwargs["batch_size"]].float().to(device)).to("cpu")
@@ -135,7 +139,11 @@ def _shard_concepts(batch: dict, activations: str, embeddings: str, shards: dict
     fold_row = torch.where(heldout, heldout.cumsum(0) - 1, (~heldout).cumsum(0) - 1)
     named = ~heldout[rows_n]
     sums = PatternSums.of(
-        fold_row[rows_n[named]], latents_n[named], values_n[named], log_p_nv[~heldout], sae.config.n_latents
+        fold_row[rows_n[named]],
+        latents_n[named],
+        values_n[named],
+        log_p_nv[~heldout].exp(),
+        sae.config.n_latents,
     )
     wanted = {}
     for row, source_id in enumerate(source_ids):
@@ -143,7 +151,6 @@ def _shard_concepts(batch: dict, activations: str, embeddings: str, shards: dict
             wanted.setdefault(source_id, row)
     return {
         "sums": np.array([pickle.dumps(sums)], dtype=object),
-        "p_v": log_p_nv[~heldout].exp().sum(0)[None].numpy(),
         "unit_sum_d": unit_nd.sum(0)[None].numpy(),
         "wanted_ids": np.array([json.dumps(list(wanted))]),
         "wanted_unit": np.array([pickle.dumps(unit_nd[list(wanted.values())])], dtype=object),
@@ -158,6 +165,7 @@ def concept_pass(
     embeddings: str,
     sae_uri: str,
     concepts_vd: torch.Tensor,
+    block_v: torch.Tensor,
     logit_scale: float,
     wanted: set[str],
     heldout_fraction: float,
@@ -175,6 +183,7 @@ def concept_pass(
             "shards": shards,
             "sae_uri": sae_uri,
             "concepts_vd": concepts_vd.numpy(),
+            "block_v": block_v.numpy(),
             "logit_scale": logit_scale,
             "wanted": frozenset(wanted),
             "heldout_fraction": heldout_fraction,
@@ -183,11 +192,11 @@ def concept_pass(
         batch_size=1,
         num_gpus=gpus,
     )
-    sums, p_v, unit_sum_d, unit_by_id, heldout = None, 0, 0, {}, []
+    sums, unit_sum_d, unit_by_id, heldout = None, 0, {}, []
     for result in results.iter_rows():
         shard_sums = pickle.loads(result["sums"])
         sums = shard_sums if sums is None else sums + shard_sums
-        p_v, unit_sum_d = p_v + torch.tensor(result["p_v"]), unit_sum_d + torch.tensor(result["unit_sum_d"])
+        unit_sum_d = unit_sum_d + torch.tensor(result["unit_sum_d"])
         wanted_ids, wanted_unit = json.loads(str(result["wanted_ids"])), pickle.loads(result["wanted_unit"])
         unit_by_id.update(zip(wanted_ids, wanted_unit, strict=True))
         heldout.append(pickle.loads(result["heldout"]))
@@ -196,7 +205,6 @@ def concept_pass(
     all_rows = (sums.rows + int(first_row[-1])).clamp_min(1).float()
     return ConceptPass(
         sums=sums,
-        mean_p_v=p_v / sums.rows.clamp_min(1).float(),
         mean_unit_d=unit_sum_d / all_rows,
         unit_by_id=unit_by_id,
         heldout_s_nv=torch.cat([s_nv for s_nv, _, _ in heldout]),
@@ -229,16 +237,17 @@ class Naming(NamedTuple):
     heldout_auroc_f: torch.Tensor  # [F] the name's held-out AUROC (NaN where it could not be scored)
 
 
-def _top_units(concepts: ConceptPass, images: TopExamples) -> torch.Tensor:
-    """[k, F, D] unit embeddings of each latent's top rows (zero for rows past its last firing)."""
+def _top_units(concepts: ConceptPass, images: TopExamples) -> tuple[torch.Tensor, torch.Tensor]:
+    """([U, D] the unit embeddings of the top rows' items, then a zero row; [k, F] each latent's top
+    rows as indices into it, the zero row for rows past its last firing)."""
     ids = sorted(concepts.unit_by_id)
-    table_nd = torch.stack([concepts.unit_by_id[i] for i in ids] + [torch.zeros_like(concepts.mean_unit_d)])
+    table_ud = torch.stack([concepts.unit_by_id[i] for i in ids] + [torch.zeros_like(concepts.mean_unit_d)])
     position = {source_id: i for i, source_id in enumerate(ids)}
     none = len(ids)
     index_kf = torch.tensor(
         [[position.get(images.source_ids.get(row), none) for row in rows] for rows in images.rows_kf.tolist()]
     )
-    return table_nd[index_kf]
+    return table_ud, index_kf
 
 
 def _heldout_auroc(passes: list[ConceptPass], concept_f: torch.Tensor) -> torch.Tensor:
@@ -254,7 +263,7 @@ def _heldout_auroc(passes: list[ConceptPass], concept_f: torch.Tensor) -> torch.
     )
 
 
-def _names(config: LabelConfig, images: TopExamples, vocabulary: list[str], gpus: float) -> Naming | None:
+def _names(config: LabelConfig, images: TopExamples, vocabulary: Vocabulary, gpus: float) -> Naming | None:
     method = config.naming_method
     if method == "none":
         return None
@@ -271,7 +280,7 @@ def _names(config: LabelConfig, images: TopExamples, vocabulary: list[str], gpus
     if config.embeddings is not None:
         passes.append(
             concept_pass(
-                config.activations, config.embeddings, config.sae, concepts_vd, scale,
+                config.activations, config.embeddings, config.sae, concepts_vd, vocabulary.block_v, scale,
                 set(images.source_ids.values()), config.heldout_fraction, config.batch_size, gpus,
             )
         )  # fmt: skip
@@ -280,37 +289,41 @@ def _names(config: LabelConfig, images: TopExamples, vocabulary: list[str], gpus
         if method == "activations" and texts is not None and store.read_manifest(texts).d == width:
             passes.append(
                 concept_pass(
-                    config.text_activations, config.text_activations, config.sae, concepts_vd, scale,
-                    set(), config.heldout_fraction, config.batch_size, gpus,
+                    config.text_activations, config.text_activations, config.sae, concepts_vd,
+                    vocabulary.block_v, scale, set(), config.heldout_fraction, config.batch_size, gpus,
                 )
             )  # fmt: skip
     valid_kf, live_f = images.values_kf > 0, images.firing_count_f > 0
+    if passes:
+        table_ud, index_kf = _top_units(passes[0], images)
+        log_p_uv = zero_shot_log_probability(table_ud, concepts_vd, scale, vocabulary.block_v)
     if method == "activations":
         sums = passes[0].sums
         for extra in passes[1:]:
             sums = sums + extra.sums
-        names, margin_f = names_from_scores(sums.correlation(), vocabulary)
+        names = specific_names(sums.agreement(), sums.mean_p(), vocabulary)
     elif method == "clip_dissect":
-        top_log_p_kfv = zero_shot_log_probability(_top_units(passes[0], images), concepts_vd, scale)
-        scores_fv = clip_dissect_scores(top_log_p_kfv, valid_kf, passes[0].mean_p_v)
-        names, _ = names_from_scores(torch.where(live_f[:, None], scores_fv, float("nan")), vocabulary)
+        scores_fv = clip_dissect_scores(log_p_uv[index_kf], valid_kf, passes[0].sums.mean_p())
+        names = names_from_scores(torch.where(live_f[:, None], scores_fv, float("nan")), vocabulary)
         names = names._replace(confidence=scores_fv.softmax(-1).max(-1).values.where(live_f, float("nan")))
     elif method == "top_images":
-        directions_fd = top_image_directions(_top_units(passes[0], images), valid_kf, passes[0].mean_unit_d)
+        directions_fd = top_image_directions(table_ud[index_kf], valid_kf, passes[0].mean_unit_d)
         names = name_latents(directions_fd, concepts_vd, vocabulary, scale)
     else:
         # a dead latent's decoder row means nothing
         directions_fd = torch.where(live_f[:, None], load_sae(config.sae).W_dec_fd.detach().float(), 0.0)
         names = name_latents(directions_fd, concepts_vd, vocabulary, scale)
     index = {concept: v for v, concept in enumerate(vocabulary)}
-    auroc_f = _heldout_auroc(passes, torch.tensor([index.get(name, -1) for name in names.name]))
+    concept_f = torch.tensor([index.get(name, -1) for name in names.name])
+    auroc_f = _heldout_auroc(passes, concept_f)
     if method == "activations":
-        # unnamed: no concept explains the latent well enough (or it never fired on the held-out fold)
-        confidence_f = calibrated_confidence(auroc_f, margin_f)
+        # unnamed: its top images do not hold its best concept (no concept of the vocabulary explains it)
+        top_p_kf = log_p_uv[index_kf, concept_f.clamp_min(0)[None]].exp()
+        confidence_f = calibrated_confidence(top_share(top_p_kf, valid_kf))
         keep = (confidence_f >= config.min_confidence).tolist()
         names = names._replace(
             name=[name if ok else None for name, ok in zip(names.name, keep, strict=True)],
-            confidence=confidence_f,
+            confidence=torch.where(concept_f >= 0, confidence_f, float("nan")),
         )
     return Naming(method, names, auroc_f)
 
@@ -340,7 +353,7 @@ def _shard_tasks(config: LabelConfig) -> int:
     return images + texts + naming * (images + texts * (config.naming_method == "activations"))
 
 
-def _label(config: LabelConfig, sae, vocabulary: list[str], gpus: float) -> LabelSummary:
+def _label(config: LabelConfig, sae, vocabulary: Vocabulary, gpus: float) -> LabelSummary:
     images = top_examples(config.activations, config.sae, config.top_k, config.batch_size, gpus)
     texts = captions = None
     if config.text_activations is not None:

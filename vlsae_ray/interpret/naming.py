@@ -4,14 +4,21 @@ Four methods (the label config's `naming`), each comparing the latent with every
 vocabulary through a CLIP that shares an image and a text space:
 
 - `activations` (the default): the latent's activation pattern over the whole dataset against each
-  concept's zero-shot pattern, the log-probability CLIP's zero-shot classifier gives the concept on
-  each image (log softmax over the vocabulary at the model's logit scale, Radford et al. 2021, sec.
-  3.1.2). The score is their Pearson correlation over the images, computed from streamed sums
-  (`PatternSums`), so it sees every image a latent fires on, weakly or strongly, and every image
-  it stays silent on. This is CLIP-Dissect's idea (Oikarinen and Weng, ICLR 2023: match a neuron's
-  activation pattern with a concept's CLIP similarity pattern) with the whole dataset in place of
-  the top images. For a VL-SAE on CLIP embeddings its caption rows join the image rows, each
-  against the concepts' pattern over the caption embeddings, so its names use its captions too.
+  concept's zero-shot pattern. The pattern is the probability CLIP's zero-shot classifier gives the
+  concept on each image (softmax at the model's logit scale, Radford et al. 2021, sec. 3.1.2), over
+  the concept's block of the vocabulary: a block lists alternatives (an object has one colour and
+  one shape), so a red triangle is judged "red" among colours and "triangle" among shapes rather
+  than the two competing. The score is the chance-corrected agreement (Cohen's kappa's form)
+  A = (m - b) / (1 - b), where m is the activation-weighted share of images holding the concept
+  (sum_i z_i p_i / sum_i z_i, CLIP's probability as a soft label) and b its share among all
+  images: 1 when every image the latent fires on holds the concept, 0 when no more of them do than
+  of images in general, so a common concept does not win by being common. Of the concepts within
+  `TIE` of the best agreement, the rarest is the name (`specific_names`). It is computed from
+  streamed sums (`PatternSums`) and sees every image the latent fires on, weighted by how strongly.
+  This is CLIP-Dissect's idea (Oikarinen and Weng, ICLR 2023: match a neuron's activation pattern
+  with a concept's CLIP pattern) with the whole dataset in place of the top images. For a VL-SAE on
+  CLIP embeddings its caption rows join the image rows, each against the concepts' pattern over the
+  caption embeddings, so its names use its captions too.
 - `clip_dissect`: CLIP-Dissect's SoftWPMI over the latent's top-k images (`clip_dissect_scores`).
 - `top_images`: the mean unit image embedding of the latent's top-k images minus the mean unit
   embedding of all images, i.e. what its top images have that images in general do not, compared
@@ -31,16 +38,15 @@ Every name is checked on held-out images (a fold of the items the names were not
 images from the rest (Neuronpedia's idea of scoring an explanation by how well it predicts the
 activations).
 
-Confidence: for `activations`, the probability that the name is right, a logistic function of the
-held-out AUROC and the correlation's margin over the runner-up (`calibrated_confidence`), fitted on
-the concept world's ground truth; a latent whose best concept falls below the label config's
-`min_confidence` stays unnamed (its name is null) rather than get a confident wrong name; so does
-one that never fires on the held-out fold (nothing to check its name on). On the concept world the
-confidence is calibrated on the seed it was fitted on and 5-10 points over-confident on a held-out
-seed and split (benchmarks/README.md). For the
-other methods it is the softmax probability of the name over the vocabulary at the model's logit
-scale (top_images, decoder) or over the SoftWPMI scores (clip_dissect): comparable across latents,
-not calibrated.
+Confidence: for `activations`, the probability that the name is right, i.e. held by the latent's
+top images (the ones the catalog shows): a logistic function of the name's top share, the mean
+zero-shot probability of the named concept over those images (`calibrated_confidence`), fitted on
+the concept world's ground truth. A latent whose name falls below the label config's
+`min_confidence` stays unnamed (its name is null) rather than get a confident wrong name. On the
+concept world it is calibrated on the seed it was fitted on and on a held-out seed and split
+(benchmarks/README.md). For the other methods it is the softmax probability of the name over the
+vocabulary at the model's logit scale (top_images, decoder) or over the SoftWPMI scores
+(clip_dissect): comparable across latents, not calibrated.
 """
 
 from __future__ import annotations
@@ -59,8 +65,17 @@ DEFAULT_VOCABULARY = Path(__file__).with_name("vocabulary.txt")
 WORLD_VOCABULARY = Path(__file__).with_name("world_vocabulary.txt")
 
 
-def load_vocabulary(uri: str | None = None) -> list[str]:
-    """The concepts of a vocabulary file (one per line; `#` comments and blank lines skipped).
+class Vocabulary(list):
+    """The concepts of a vocabulary (a list of str), each with the block of alternatives it is in."""
+
+    def __init__(self, blocks: list[list[str]]):
+        super().__init__(concept for block in blocks for concept in block)
+        self.block_v = torch.tensor([b for b, block in enumerate(blocks) for _ in block])
+
+
+def load_vocabulary(uri: str | None = None) -> Vocabulary:
+    """The concepts of a vocabulary file: one per line, blank lines skipped; a `#` comment line starts
+    a new block, and the concepts of a block are alternatives to each other (colours, shapes, ...).
 
     None: the default vocabulary that ships with the package (general visual concepts and the
     concept world's colours, shapes, sizes, patterns, counts, positions and backgrounds); "world":
@@ -70,15 +85,27 @@ def load_vocabulary(uri: str | None = None) -> list[str]:
         text = (DEFAULT_VOCABULARY if uri is None else WORLD_VOCABULARY).read_text()
     else:
         text = storage.read_text(uri)
-    concepts = [line.strip() for line in text.splitlines()]
-    concepts = [concept for concept in concepts if concept and not concept.startswith("#")]
+    blocks: list[list[str]] = [[]]
+    for line in map(str.strip, text.splitlines()):
+        if line.startswith("#"):
+            blocks.append([])
+        elif line:
+            blocks[-1].append(line)
+    blocks = [block for block in blocks if block]
+    concepts = [concept for block in blocks for concept in block]
     where = "the default vocabulary" if uri is None else f"vocabulary {uri!r}"
     if len(concepts) < 2:
         raise ValueError(f"{where} has {len(concepts)} concepts; a name needs at least 2 to choose from")
     repeated = sorted({concept for concept in concepts if concepts.count(concept) > 1})
     if repeated:
         raise ValueError(f"{where} lists {repeated} more than once; keep one line per concept")
-    return concepts
+    alone = [block[0] for block in blocks if len(block) == 1]
+    if alone:
+        raise ValueError(
+            f"{where}: {alone} are alone in their block (a `#` line starts one); a block lists "
+            "alternatives to each other, so give each at least one alternative or join it to the block above"
+        )
+    return Vocabulary(blocks)
 
 
 class TextEncoder:
@@ -112,7 +139,7 @@ def concept_embeddings(encoder: TextEncoder, concepts: list[str], prompts: list[
 class Names(NamedTuple):
     name: list[str | None]  # None: a latent without a direction (it never fired)
     runner_up: list[str | None]
-    similarity: torch.Tensor  # [F] the method's score of the name: cosine, correlation or SoftWPMI
+    similarity: torch.Tensor  # [F] the method's score of the name: cosine, agreement or SoftWPMI
     confidence: torch.Tensor  # [F] the name's confidence (module docstring); NaN without a name
 
 
@@ -158,10 +185,18 @@ def name_latents(
 
 
 def zero_shot_log_probability(
-    unit_nd: torch.Tensor, concepts_vd: torch.Tensor, logit_scale: float
+    unit_nd: torch.Tensor, concepts_vd: torch.Tensor, logit_scale: float, block_v: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """[N, V] log-probability of each concept for each unit embedding under CLIP's zero-shot classifier."""
-    return (logit_scale * unit_nd.float() @ concepts_vd.T).log_softmax(-1)
+    """[N, V] log-probability of each concept for each unit embedding under CLIP's zero-shot classifier,
+    over the concepts of its block (`block_v`, a block index per concept; None: one block)."""
+    logits_nv = logit_scale * unit_nd.float() @ concepts_vd.T
+    if block_v is None:
+        return logits_nv.log_softmax(-1)
+    log_p_nv = torch.empty_like(logits_nv)
+    for block in block_v.unique():
+        in_block = block_v == block
+        log_p_nv[:, in_block] = logits_nv[:, in_block].log_softmax(-1)
+    return log_p_nv
 
 
 def in_heldout_fold(source_id: str, fraction: float) -> bool:
@@ -171,14 +206,12 @@ def in_heldout_fold(source_id: str, fraction: float) -> bool:
 
 
 class PatternSums(NamedTuple):
-    """Sums over rows from which the correlation of F latents with V concept patterns follows."""
+    """Sums over rows from which the agreement of F latents with V concept patterns follows."""
 
     rows: torch.Tensor  # [] rows summed
     z_f: torch.Tensor  # sum of each latent's activation
-    zz_f: torch.Tensor  # sum of its square
-    s_v: torch.Tensor  # sum of each concept's pattern
-    ss_v: torch.Tensor  # sum of its square
-    zs_fv: torch.Tensor  # sum of their products
+    p_v: torch.Tensor  # sum of each concept's probability
+    zp_fv: torch.Tensor  # sum of their products
 
     @classmethod
     def of(
@@ -186,32 +219,31 @@ class PatternSums(NamedTuple):
         rows_n: torch.Tensor,
         latents_n: torch.Tensor,
         values_n: torch.Tensor,
-        s_rv: torch.Tensor,
+        p_rv: torch.Tensor,
         n_latents: int,
     ) -> PatternSums:
         """The sums of R rows, from their latents as (row, latent, value) entries, zero elsewhere."""
-        s, values = s_rv.double(), values_n.double()
-        z_f, zz_f = torch.zeros(n_latents, dtype=torch.float64), torch.zeros(n_latents, dtype=torch.float64)
-        zs_fv = torch.zeros(n_latents, s.shape[1], dtype=torch.float64)
+        p, values = p_rv.double(), values_n.double()
+        z_f = torch.zeros(n_latents, dtype=torch.float64)
+        zp_fv = torch.zeros(n_latents, p.shape[1], dtype=torch.float64)
         z_f.index_add_(0, latents_n, values)
-        zz_f.index_add_(0, latents_n, values**2)
-        zs_fv.index_add_(0, latents_n, values[:, None] * s[rows_n])
-        return cls(
-            torch.tensor(float(s.shape[0]), dtype=torch.float64), z_f, zz_f, s.sum(0), (s**2).sum(0), zs_fv
-        )
+        zp_fv.index_add_(0, latents_n, values[:, None] * p[rows_n])
+        return cls(torch.tensor(float(p.shape[0]), dtype=torch.float64), z_f, p.sum(0), zp_fv)
 
     def __add__(self, other: PatternSums) -> PatternSums:  # type: ignore[override]
         return PatternSums(*(a + b for a, b in zip(self, other, strict=True)))
 
-    def correlation(self) -> torch.Tensor:
-        """[F, V] Pearson correlation of each latent with each concept over the rows; NaN where either is
-        constant (a latent that never fired)."""
-        n = self.rows.clamp_min(1)
-        cov_fv = self.zs_fv / n - (self.z_f / n)[:, None] * (self.s_v / n)[None]
-        var_f = (self.zz_f / n - (self.z_f / n) ** 2).clamp_min(0)
-        var_v = (self.ss_v / n - (self.s_v / n) ** 2).clamp_min(0)
-        r_fv = cov_fv / (var_f[:, None] * var_v[None]).sqrt()
-        return torch.where((var_f[:, None] > 0) & (var_v[None] > 0), r_fv, float("nan")).float()
+    def mean_p(self) -> torch.Tensor:
+        """[V] each concept's mean probability over the rows."""
+        return (self.p_v / self.rows.clamp_min(1)).float()
+
+    def agreement(self) -> torch.Tensor:
+        """[F, V] chance-corrected agreement (m - b) / (1 - b) of each latent with each concept (module
+        docstring); NaN for a latent that never fired."""
+        m_fv = self.zp_fv / self.z_f.clamp_min(1e-30)[:, None]
+        b_v = self.p_v / self.rows.clamp_min(1)
+        a_fv = (m_fv - b_v) / (1 - b_v).clamp_min(1e-12)
+        return torch.where(self.z_f[:, None] > 0, a_fv, float("nan")).float()
 
 
 def clip_dissect_scores(
@@ -254,9 +286,9 @@ def heldout_auroc(
     return torch.where(defined_f, auroc_f, float("nan")).float()
 
 
-def names_from_scores(scores_fv: torch.Tensor, vocabulary: list[str]) -> tuple[Names, torch.Tensor]:
-    """(the best and second concept of each latent's row of scores, the margin between their scores);
-    a row of NaN (a latent that never fired) gets no name. Confidence is NaN (the caller sets it)."""
+def names_from_scores(scores_fv: torch.Tensor, vocabulary: list[str]) -> Names:
+    """The best and second concept of each latent's row of scores; a row of NaN (a latent that never
+    fired) gets no name. Confidence is NaN (the caller sets it)."""
     live_f = ~scores_fv.isnan().all(-1)
     best_f2 = scores_fv.nan_to_num(float("-inf")).topk(2, dim=-1)
 
@@ -266,18 +298,43 @@ def names_from_scores(scores_fv: torch.Tensor, vocabulary: list[str]) -> tuple[N
 
     nan = torch.tensor(float("nan"))
     score_f = torch.where(live_f, best_f2.values[:, 0], nan)
-    margin_f = torch.where(live_f, best_f2.values[:, 0] - best_f2.values[:, 1], nan)
-    return Names(concept(0), concept(1), score_f, nan.expand(len(live_f)).clone()), margin_f
+    return Names(concept(0), concept(1), score_f, nan.expand(len(live_f)).clone())
 
 
-# Logistic calibration of `activations` names, P(right) = sigmoid(bias + w_auroc AUROC + w_margin margin),
-# fitted on the concept world's ground truth (`benchmarks/naming.py --fit`: the default seed's latents
-# of the demo recipe's SAE; a name is right when at least 8 of the latent's 9 top images hold it).
-CALIBRATION = {"bias": -2.6, "auroc": 3.93, "margin": 14.06}
+# Agreements within TIE of a latent's best are a tie: on a few dozen images CLIP's probabilities are
+# about that noisy. The rarest tied concept is the most specific name its images share ("green
+# objects" rather than "a black background" when its images are green squares on black).
+TIE = 0.1
 
 
-def calibrated_confidence(auroc_f: torch.Tensor, margin_f: torch.Tensor) -> torch.Tensor:
-    """[F] probability that an `activations` name is right, from its held-out AUROC and the margin of
-    its correlation over the runner-up's (a name barely ahead of another concept is a guess)."""
-    weights = CALIBRATION
-    return torch.sigmoid(weights["bias"] + weights["auroc"] * auroc_f + weights["margin"] * margin_f)
+def specific_names(agreement_fv: torch.Tensor, mean_p_v: torch.Tensor, vocabulary: list[str]) -> Names:
+    """Each latent's name: of the concepts whose agreement is within TIE of its best, the one with the
+    smallest mean probability over all images; the runner-up is the next rarest tied concept, or the
+    best of the rest. The similarity is the name's agreement."""
+    best_f1 = agreement_fv.nan_to_num(float("-inf")).max(-1, keepdim=True).values
+    rank_fv = torch.where(
+        agreement_fv >= best_f1 - TIE, 2 - mean_p_v, agreement_fv
+    )  # ties first, rarest first
+    names = names_from_scores(rank_fv, vocabulary)
+    chosen_f = rank_fv.nan_to_num(float("-inf")).argmax(-1, keepdim=True)
+    return names._replace(similarity=agreement_fv.gather(1, chosen_f).squeeze(1))
+
+
+def top_share(top_p_kf: torch.Tensor, valid_kf: torch.Tensor) -> torch.Tensor:
+    """[F] the mean zero-shot probability of each latent's name over its valid top images; NaN for a
+    latent without one."""
+    count_f = valid_kf.sum(0)
+    share_f = (top_p_kf * valid_kf).sum(0) / count_f.clamp_min(1)
+    return torch.where(count_f > 0, share_f, float("nan"))
+
+
+# Logistic calibration of `activations` names, P(right) = sigmoid(bias + w_top_share top share), fitted
+# on the concept world's ground truth (`benchmarks/naming.py --fit`: the default seed's latents of the
+# demo recipe's SAE; a name is right when at least 8 of the latent's 9 top images hold it).
+CALIBRATION = {"bias": -18.39, "top_share": 24.07}
+
+
+def calibrated_confidence(top_share_f: torch.Tensor) -> torch.Tensor:
+    """[F] probability that an `activations` name is right (held by the latent's top images), from its
+    top share (`top_share`)."""
+    return torch.sigmoid(CALIBRATION["bias"] + CALIBRATION["top_share"] * top_share_f)

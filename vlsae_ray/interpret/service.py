@@ -111,16 +111,23 @@ class ServedSAE:
 
     def search(self, query: str | None, sort: str, limit: int, offset: int) -> tuple[int, list[dict]]:
         """(matches, one page of them): latents whose name or runner-up contains `query`
-        (case-insensitive; no query: every latent that fired), best first by `sort`."""
+        (case-insensitive; no query: every latent that fired), those whose name contains it first,
+        then best first by `sort`."""
         key = {"ms": "ms", "confidence": "confidence", "density": "firing_density"}[sort]
         needle = (query or "").strip().lower()
         found = []
         for latent, entry in self.entries.items():
-            text = " ".join(filter(None, (entry.get("name"), entry.get("runner_up")))).lower()
-            if (needle and needle in text) or (not needle and entry.get("firing_count")):
-                found.append(self.summary(latent))
-        found.sort(key=lambda s: (s[key] is None, -(s[key] or 0.0), s["latent"]))
-        return len(found), found[offset : offset + limit]
+            in_name = needle in (entry.get("name") or "").lower()
+            in_runner_up = needle in (entry.get("runner_up") or "").lower()
+            if (needle and (in_name or in_runner_up)) or (not needle and entry.get("firing_count")):
+                found.append((not in_name, self.summary(latent)))
+
+        def rank(match: tuple[bool, dict]) -> tuple:
+            runner_up_only, summary = match
+            return runner_up_only, summary[key] is None, -(summary[key] or 0.0), summary["latent"]
+
+        found.sort(key=rank)
+        return len(found), [summary for _, summary in found[offset : offset + limit]]
 
     def max_activation(self, latent: int) -> float:
         """The latent's largest activation in the catalog: the unit of relative strengths."""
