@@ -1,4 +1,5 @@
-"""The interpretation API on Ray Serve: encode, interpret and steer, many SAEs per deployment.
+"""The interpretation API on Ray Serve: encode, interpret, steer and mitigate hallucination, many SAEs
+per deployment.
 
 Run with `vlsae serve -c CONFIG` or `serve deploy` of the YAML that `vlsae serve -c CONFIG
 --print-config` writes (the Kubernetes RayService holds the same document). Routes are under /v1
@@ -284,6 +285,14 @@ class APIService:
             tokens=request.tokens,
         )
         return schemas.SteerResponse(sae=request.sae, **answer)
+
+    @api.post("/v1/mitigate", response_model=schemas.MitigateResponse, dependencies=AUTH, responses=ERRORS)
+    async def mitigate(self, request: schemas.MitigateRequest) -> schemas.MitigateResponse:
+        image = _image(request.image)
+        served = await self._served(request.sae)
+        settings = request.model_dump(include={"alpha", "beta", "cd_alpha", "cd_beta"})
+        answer = await self._answer(self.interpreter.mitigate, served, image, request.question, **settings)
+        return schemas.MitigateResponse(sae=request.sae, **answer)
 
 
 def build_app(config: ServeConfig):

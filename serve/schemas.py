@@ -197,3 +197,24 @@ class SteerResponse(BaseModel):
     sae: str
     default: ModelOutput
     steered: ModelOutput
+
+
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+class MitigateRequest(Strict):
+    sae: SAEId
+    image: Base64Image
+    question: str = Field(min_length=1, max_length=500, description="the question LLaVA answers")
+    alpha: Share = Field(0.8, description="how far the text mean moves to its concept-mixed reconstruction")
+    beta: Share = Field(0.9, description="how far the text concepts are mixed toward the image's")
+    cd_alpha: Share = Field(0.6, description="weight of the mitigated logits in contrastive decoding")
+    cd_beta: float = Field(
+        0.8, gt=0, le=1, description="tokens kept: plain probability at least this share of the best's"
+    )
+
+
+class MitigateResponse(BaseModel):
+    sae: str
+    default: str = Field(description="LLaVA's plain greedy answer")
+    mitigated: str = Field(description="its answer with concept mixing and contrastive decoding")

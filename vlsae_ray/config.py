@@ -633,6 +633,11 @@ class ServedSAEConfig(Strict):
     monosemanticity: str | None = Field(
         None, description="URI of the evaluate job's monosemanticity.json: each latent's MS"
     )
+    aligner: str | None = Field(
+        None,
+        description="URI of the aligner a LLaVA VL-SAE was trained behind (the train job's OUTPUT/aligner): "
+        "the SAE reads its projections, and POST /v1/mitigate uses both",
+    )
 
     @model_validator(mode="after")
     def _check_token(self) -> ServedSAEConfig:

@@ -195,6 +195,10 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served_world, l
         "POST", "/v1/steer", json=steer | {"labels": ["a"], "edits": [{"latent": never, "value": 1}]}
     )
     assert r.status_code == 400 and "absolute" in r.json()["detail"]
+    mitigate = {"sae": "block", "image": image, "question": "Describe the image."}
+    r = served_world.call("POST", "/v1/mitigate", json=mitigate)  # a CLIP SAE: nothing to mitigate
+    assert r.status_code == 400 and "cannot mitigate" in r.json()["detail"]
+    assert served_world.call("POST", "/v1/mitigate", json=mitigate | {"cd_beta": 0}).status_code == 422
     assert served_world.call("GET", "/v1/saes/block/latents/99999").status_code == 404
     assert served_world.call("GET", "/v1/images/not-an-id").status_code == 404
     assert (

@@ -16,10 +16,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vlsae_ray import storage
-from vlsae_ray.backbones import hook_dims, load_backbone
+from vlsae_ray.backbones import hook_dims, load_backbone, required_inputs
 from vlsae_ray.config import BackboneConfig, ServedSAEConfig, TokenConfig
 from vlsae_ray.interpret.catalog import catalog_rows, read_catalog
 from vlsae_ray.sae import SparseAutoencoder
+from vlsae_ray.sae.aligner import Aligner
 from vlsae_ray.steer.hook import ABLATE, Edit, steered
 
 ALL_TOKENS = TokenConfig(mode="all")
@@ -64,6 +65,14 @@ class ServedSAE:
     entries: dict[int, dict]
     ms: list[float | None] | None
     rows: int | None  # activation rows the catalog's label run read: the firing density's denominator
+    aligner: Aligner | None = None  # a LLaVA VL-SAE's: the SAE reads its projections
+
+    def codes(self, x_bd: torch.Tensor, modality: str = "vision") -> torch.Tensor:
+        """[B, n_latents]: the SAE's codes of hook-point rows (through the aligner's projection if any)."""
+        return self.sae.encode(self.sae_input(x_bd, modality))
+
+    def sae_input(self, x_bd: torch.Tensor, modality: str = "vision") -> torch.Tensor:
+        return x_bd if self.aligner is None else self.aligner.project(x_bd, modality)
 
     @property
     def n_latents(self) -> int:
@@ -150,7 +159,8 @@ def load_served_sae(sae_id: str, config: ServedSAEConfig, device: torch.device) 
     ms = None
     if config.monosemanticity is not None:
         ms = json.loads(storage.read_text(config.monosemanticity))["latents"]
-    return ServedSAE(sae_id, config, sae, entries, ms, rows)
+    aligner = None if config.aligner is None else Aligner.load(config.aligner, device=device)
+    return ServedSAE(sae_id, config, sae, entries, ms, rows, aligner)
 
 
 def _edit(op: str, value: float | None) -> Edit | float:
@@ -177,17 +187,24 @@ class Interpreter:
                 raise ValueError(f"SAE {sae_id!r}: {hook!r} is not a hook point that reads {reads}s here")
         served = load_served_sae(sae_id, config, self.device)
         hooks = [h for h in (config.hook_point, config.text_hook_point) if h is not None]
+        reads = served.sae.config.d_in if served.aligner is None else served.aligner.config.d_in
         for hook, d in hook_dims(self.backbone.config, hooks).items():
-            if d != served.sae.config.d_in:
-                raise ValueError(
-                    f"SAE {sae_id!r}: {hook!r} gives d={d} but the SAE takes {served.sae.config.d_in}"
-                )
+            if d != reads:
+                raise ValueError(f"SAE {sae_id!r}: {hook!r} gives d={d} but the SAE takes {reads}")
+        if served.aligner is not None and served.aligner.config.d_proj != served.sae.config.d_in:
+            raise ValueError(
+                f"SAE {sae_id!r} takes d={served.sae.config.d_in} but its aligner projects to "
+                f"{served.aligner.config.d_proj}: serve the aligner the SAE was trained behind"
+            )
         return served
 
     def image_rows(self, hook_points: list[str], images: list[Image.Image], token: TokenConfig) -> dict:
+        """Rows of images at image hook points. LLaVA's language-model hooks read a caption too: an
+        image's positions come before it (causal attention), so an empty one stands in."""
         ids = [str(i) for i in range(len(images))]  # ids only label rows: no random draw here
         pixels = self.backbone.pixels(images)
-        return self.backbone.activations(hook_points, pixels=pixels, item_ids=ids, token=token)
+        texts = [""] * len(images) if "texts" in required_inputs(self.backbone.config, hook_points) else None
+        return self.backbone.activations(hook_points, pixels=pixels, texts=texts, item_ids=ids, token=token)
 
     @torch.no_grad()
     def image_codes(self, requests: list[tuple[ServedSAE, Image.Image]]) -> list[torch.Tensor]:
@@ -205,7 +222,7 @@ class Interpreter:
                 served = requests[i][0]
                 x_d = rows[served.config.hook_point].values[row]
                 # one row at a time: a batch-level SAE (BatchTopK) answers each image as if alone
-                codes[i] = served.sae.encode(x_d[None].to(self.device))[0].float().cpu()
+                codes[i] = served.codes(x_d[None].to(self.device))[0].float().cpu()
         return codes
 
     def image_vector(self, served: ServedSAE, image: Image.Image) -> torch.Tensor:
@@ -213,12 +230,22 @@ class Interpreter:
         hook = served.config.hook_point
         return self.image_rows([hook], [image], served.config.token)[hook].values[0]
 
-    def caption_vector(self, served: ServedSAE, caption: str) -> torch.Tensor:
-        """[d] the caption's row at the SAE's text hook point."""
+    def caption_vector(self, served: ServedSAE, caption: str, image: Image.Image | None) -> torch.Tensor:
+        """[d] the caption's row at the SAE's text hook point (LLaVA's language-model hooks read it
+        after its image)."""
         hook = served.config.text_hook_point
         if hook is None:
             raise BadInputError(f"SAE {served.id!r} reads images only: it cannot interpret a caption")
-        rows = self.backbone.activations([hook], texts=[caption], item_ids=["0"], token=served.config.token)
+        pixels = None
+        if "pixels" in required_inputs(self.backbone.config, [hook]):
+            if image is None:
+                raise BadInputError(
+                    f"SAE {served.id!r} reads a caption after its image ({hook!r}): give both"
+                )
+            pixels = self.backbone.pixels([image])
+        rows = self.backbone.activations(
+            [hook], pixels=pixels, texts=[caption], item_ids=["0"], token=served.config.token
+        )
         return rows[hook].values[0]
 
     @torch.no_grad()
@@ -229,19 +256,19 @@ class Interpreter:
 
         x = {
             "image": None if image is None else self.image_vector(served, image),
-            "caption": None if caption is None else self.caption_vector(served, caption),
+            "caption": None if caption is None else self.caption_vector(served, caption, image),
+        }
+        x = {
+            side: None if x_d is None else served.sae_input(x_d[None].to(self.device), modality)[0]
+            for (side, x_d), modality in zip(x.items(), ("vision", "text"), strict=True)
         }
         out = {
-            side: None
-            if x_d is None
-            else top_concepts(served, served.sae.encode(x_d[None].to(self.device))[0].cpu(), k)
+            side: None if x_d is None else top_concepts(served, served.sae.encode(x_d[None])[0].cpu(), k)
             for side, x_d in x.items()
         }
         pair = {"shared": None, "image_only": None, "text_only": None}
         if image is not None and caption is not None:
-            explained = explain_pair(
-                served.sae, x["image"].to(self.device), x["caption"].to(self.device), served.entries, k
-            )
+            explained = explain_pair(served.sae, x["image"], x["caption"], served.entries, k)
             pair = {side: [asdict(c) for c in getattr(explained, side)] for side in pair}
         return out | pair
 
@@ -257,7 +284,7 @@ class Interpreter:
         side = math.isqrt(len(patches))
         if side * side != len(patches):
             raise BadInputError(f"hook point {hook!r} has {len(patches)} patch tokens, not a square grid")
-        values = served.sae.encode(patches.to(self.device))[:, latent].float().cpu()
+        values = served.codes(patches.to(self.device))[:, latent].float().cpu()
         return {"latent": latent, "grid": [side, side], "values": values.tolist()}
 
     @torch.no_grad()
@@ -311,6 +338,43 @@ class Interpreter:
         with steered(self.backbone.model, module, served.sae, edit_map, mode=mode, tokens=tokens):
             steered_output = self._output(image, labels, question)
         return {"default": default, "steered": steered_output}
+
+    @torch.no_grad()
+    def mitigate(self, served: ServedSAE, image: Image.Image, question: str, **settings: float) -> dict:
+        """{default, mitigated}: LLaVA's plain greedy answer to `question` about `image`, and its answer
+        with the VL-SAE's concept mixing and contrastive decoding (`generate_mitigated`; settings
+        alpha, beta, cd_alpha, cd_beta). The SAE must read `language_model.layers.N:chat_image_mean`
+        behind an aligner: the edit is at the output of layer N - 1, where it was trained."""
+        from vlsae_ray.backbones.llava import CHAT_IMAGE_MEAN
+        from vlsae_ray.steer.hallucination import generate_mitigated
+        from vlsae_ray.world.llava import answer
+
+        hook = served.config.hook_point
+        layer = hook.removeprefix("language_model.layers.").removesuffix(CHAT_IMAGE_MEAN)
+        if not (self.llava and served.aligner is not None and hook.endswith(CHAT_IMAGE_MEAN)):
+            raise BadInputError(
+                f"SAE {served.id!r} cannot mitigate: that needs a LLaVA backbone and a VL-SAE on "
+                f"language_model.layers.N{CHAT_IMAGE_MEAN} served with its aligner (`aligner` in its config)"
+            )
+        if not layer.isdigit() or int(layer) == 0:
+            raise BadInputError(
+                f"hook point {hook!r}: mitigation edits the layer before N, so N must be >= 1"
+            )
+        model = self.backbone.model
+        try:
+            mitigated = generate_mitigated(
+                model,
+                self.processor,
+                [image],
+                question,
+                served.aligner,
+                served.sae,
+                layer=int(layer) - 1,
+                **settings,
+            )[0]
+        except ValueError as error:  # settings or artifacts that do not fit together
+            raise BadInputError(str(error)) from None
+        return {"default": answer(model, self.processor, [image], question)[0], "mitigated": mitigated}
 
 
 def top_concepts(served: ServedSAE, codes_f: torch.Tensor, k: int) -> list[dict]:
