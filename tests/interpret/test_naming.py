@@ -8,6 +8,7 @@ import torch
 from vlsae_ray.config import ConfigError, LabelConfig, parse_config
 from vlsae_ray.interpret.naming import (
     PatternSums,
+    ShardSums,
     calibrated_confidence,
     clip_dissect_scores,
     heldout_auroc,
@@ -116,6 +117,15 @@ def test_pattern_sums_give_the_chance_corrected_agreement_over_merged_shards():
         return PatternSums.of(rows_n, latents_n, z_nf[rows][rows_n, latents_n], p_nv[rows], 4)
 
     merged = sums(slice(0, 20)) + sums(slice(20, 50))
+    # what a label task sends: only the latents that fired in its shard, folded in place
+    folded = PatternSums.zeros(4, 3)
+    for rows in (slice(0, 20), slice(20, 50)):
+        rows_n, latents_n = (z_nf[rows] > 0).nonzero(as_tuple=True)
+        shard = ShardSums.of(rows_n, latents_n, z_nf[rows][rows_n, latents_n], p_nv[rows])
+        assert shard.latents_u.tolist() == [0, 1, 2] and shard.zp_uv.shape == (3, 3)
+        folded.add_(shard)
+    for got, expected in zip(folded, merged, strict=True):
+        torch.testing.assert_close(got, expected)
     a_fv = merged.agreement()
     for f in range(3):  # the activation-weighted share of the concept against its share of all rows
         for v in range(3):

@@ -12,8 +12,9 @@ top rows' items and the held-out fold's rows for scoring names. For a VL-SAE nam
 `activations`, a second such pass over its captions (their embeddings are its text rows). The
 vocabulary is embedded once in the driver. Methods and confidence: `vlsae_ray.interpret.naming`.
 
-At scale: each task returns F x V sums (F latents, V concepts), and the held-out fold's rows
-(V scores and the firing latents per row) come to the driver.
+At scale: each task returns sums over the latents that fired in its shard (`naming.ShardSums`,
+U x V for U such latents and V concepts), the driver holds the F x V sums (8 bytes each), and the
+held-out fold's rows (V scores and the firing latents per row) come to the driver.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from vlsae_ray.interpret.ground_truth import held_names, reliability
 from vlsae_ray.interpret.naming import (
     Names,
     PatternSums,
+    ShardSums,
     TextEncoder,
     Vocabulary,
     calibrated_confidence,
@@ -59,7 +61,7 @@ from vlsae_ray.interpret.top_examples import TopExamples, top_examples, trimmed_
 from vlsae_ray.local_stack import connect_ray
 from vlsae_ray.provenance import write_run_info
 from vlsae_ray.sae import checkpoint
-from vlsae_ray.sae.base import load_sae
+from vlsae_ray.sae.base import load_config, load_sae
 from vlsae_ray.world import MODEL_NAME
 
 
@@ -138,13 +140,7 @@ def _shard_concepts(batch: dict, activations: str, embeddings: str, shards: dict
     # rows renumbered within each fold
     fold_row = torch.where(heldout, heldout.cumsum(0) - 1, (~heldout).cumsum(0) - 1)
     named = ~heldout[rows_n]
-    sums = PatternSums.of(
-        fold_row[rows_n[named]],
-        latents_n[named],
-        values_n[named],
-        log_p_nv[~heldout].exp(),
-        sae.config.n_latents,
-    )
+    sums = ShardSums.of(fold_row[rows_n[named]], latents_n[named], values_n[named], log_p_nv[~heldout].exp())
     wanted = {}
     for row, source_id in enumerate(source_ids):
         if source_id in kwargs["wanted"]:
@@ -192,10 +188,10 @@ def concept_pass(
         batch_size=1,
         num_gpus=gpus,
     )
-    sums, unit_sum_d, unit_by_id, heldout = None, 0, {}, []
+    sums = PatternSums.zeros(load_config(sae_uri).n_latents, len(concepts_vd))
+    unit_sum_d, unit_by_id, heldout = 0, {}, []
     for result in results.iter_rows():
-        shard_sums = pickle.loads(result["sums"])
-        sums = shard_sums if sums is None else sums + shard_sums
+        sums.add_(pickle.loads(result["sums"]))
         unit_sum_d = unit_sum_d + torch.tensor(result["unit_sum_d"])
         wanted_ids, wanted_unit = json.loads(str(result["wanted_ids"])), pickle.loads(result["wanted_unit"])
         unit_by_id.update(zip(wanted_ids, wanted_unit, strict=True))

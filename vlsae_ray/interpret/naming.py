@@ -205,6 +205,29 @@ def in_heldout_fold(source_id: str, fraction: float) -> bool:
     return digest < fraction * 2**64
 
 
+class ShardSums(NamedTuple):
+    """One shard's pattern sums over only the latents that fired in it, so that what a label task
+    sends back grows with its rows, not with the SAE's width; `PatternSums.add_` folds it in."""
+
+    rows: int
+    p_v: torch.Tensor  # [V] sum of each concept's probability
+    latents_u: torch.Tensor  # [U] the latents that fired, each once
+    z_u: torch.Tensor  # [U] sum of each one's activation
+    zp_uv: torch.Tensor  # [U, V] sum of its products with each concept's probability
+
+    @classmethod
+    def of(
+        cls, rows_n: torch.Tensor, latents_n: torch.Tensor, values_n: torch.Tensor, p_rv: torch.Tensor
+    ) -> ShardSums:
+        """The sums of R rows, from their latents as (row, latent, value) entries, zero elsewhere."""
+        p, values = p_rv.double(), values_n.double()
+        latents_u, u_n = latents_n.unique(return_inverse=True)
+        z_u = torch.zeros(len(latents_u), dtype=torch.float64).index_add_(0, u_n, values)
+        zp_uv = torch.zeros(len(latents_u), p.shape[1], dtype=torch.float64)
+        zp_uv.index_add_(0, u_n, values[:, None] * p[rows_n])
+        return cls(p.shape[0], p.sum(0), latents_u, z_u, zp_uv)
+
+
 class PatternSums(NamedTuple):
     """Sums over rows from which the agreement of F latents with V concept patterns follows."""
 
@@ -212,6 +235,16 @@ class PatternSums(NamedTuple):
     z_f: torch.Tensor  # sum of each latent's activation
     p_v: torch.Tensor  # sum of each concept's probability
     zp_fv: torch.Tensor  # sum of their products
+
+    @classmethod
+    def zeros(cls, n_latents: int, n_concepts: int) -> PatternSums:
+        f64 = torch.float64
+        return cls(
+            torch.zeros((), dtype=f64),
+            torch.zeros(n_latents, dtype=f64),
+            torch.zeros(n_concepts, dtype=f64),
+            torch.zeros(n_latents, n_concepts, dtype=f64),
+        )
 
     @classmethod
     def of(
@@ -223,12 +256,16 @@ class PatternSums(NamedTuple):
         n_latents: int,
     ) -> PatternSums:
         """The sums of R rows, from their latents as (row, latent, value) entries, zero elsewhere."""
-        p, values = p_rv.double(), values_n.double()
-        z_f = torch.zeros(n_latents, dtype=torch.float64)
-        zp_fv = torch.zeros(n_latents, p.shape[1], dtype=torch.float64)
-        z_f.index_add_(0, latents_n, values)
-        zp_fv.index_add_(0, latents_n, values[:, None] * p[rows_n])
-        return cls(torch.tensor(float(p.shape[0]), dtype=torch.float64), z_f, p.sum(0), zp_fv)
+        sums = cls.zeros(n_latents, p_rv.shape[1])
+        sums.add_(ShardSums.of(rows_n, latents_n, values_n, p_rv))
+        return sums
+
+    def add_(self, shard: ShardSums) -> None:
+        """Fold one shard's sums in, in place (no copy of the [F, V] sums per shard)."""
+        self.rows.add_(shard.rows)
+        self.p_v.add_(shard.p_v)
+        self.z_f.index_add_(0, shard.latents_u, shard.z_u)
+        self.zp_fv.index_add_(0, shard.latents_u, shard.zp_uv)
 
     def __add__(self, other: PatternSums) -> PatternSums:  # type: ignore[override]
         return PatternSums(*(a + b for a, b in zip(self, other, strict=True)))
