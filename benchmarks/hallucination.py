@@ -1,6 +1,6 @@
 """Hallucination in the world LLaVA: world POPE and world CHAIR, plain against VL-SAE-mitigated
-decoding (`vlsae_ray.steer.hallucination`), with alpha, beta and cd_alpha swept, and the cost per
-generated token.
+decoding (`vlsae_ray.steer.hallucination`), with alpha, beta, cd_alpha and cd_beta swept (and
+cd_beta with cd_alpha raised), and the cost per generated token.
 
 Per seed: the chat image and text means entering language-model layer LAYER + 1 (the authors'
 reduction, `:chat_*_mean`) of `--train-items` world training items and their captions are extracted
@@ -14,8 +14,13 @@ training items, the training seed and the test images.
     python benchmarks/hallucination.py --seeds 1 &      # or one process per seed on one --out,
     python benchmarks/hallucination.py --report         # then merge their seed-S.json files
     python benchmarks/hallucination.py --seeds 0 --n 60 --sweep defaults   # a quick look
+    python benchmarks/hallucination.py --sweep defaults cd_beta --out new   # more settings, then
+    python benchmarks/hallucination.py --report --out new --previous benchmarks/results/hallucination.json
+    python benchmarks/hallucination.py --cost           # time per token against plain, timed alternately
 
-Writes benchmarks/results/hallucination.{json,md} and hallucination.png (the curves).
+Writes benchmarks/results/hallucination.{json,md} and hallucination.png (the curves); `--cost`
+writes hallucination_cost.json. The seconds_per_token of the sweep are taken one setting after
+another, so load from other work on a shared machine changes them more than the decoding does.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import torch
 
 from vlsae_ray.activations.extract import run_extract
 from vlsae_ray.config import ExtractConfig, TrainConfig
-from vlsae_ray.sae import SparseAutoencoder
-from vlsae_ray.sae.aligner import Aligner
+from vlsae_ray.sae import SparseAutoencoder, build_sae
+from vlsae_ray.sae.aligner import Aligner, AlignerConfig
 from vlsae_ray.steer.hallucination import DEFAULTS, generate_mitigated
 from vlsae_ray.train.ray_train import run_train
 from vlsae_ray.world.hallucination import chair, pope_questions, pope_scores
@@ -56,6 +61,13 @@ SWEEPS = {
     "alpha": [{"alpha": a} for a in (0.4, 1.0)],
     "beta": [{"beta": b} for b in (0.5, 1.0)],
     "cd_alpha": [{"cd_alpha": c} for c in (0.3, 0.9)],
+    # the least plain probability kept, as a share of the best's: lower keeps more tokens for the
+    # edited logits to choose among (at 0.8 only near-ties, so a confident wrong word stands)
+    "cd_beta": [{"cd_beta": b} for b in (0.5, 0.2, 0.05, 0.01)],
+    # a wider candidate set with the edited logits weighted more, up to deciding alone (cd_alpha 1)
+    "cd_alpha_beta": [{"cd_alpha": a, "cd_beta": b} for a, b in ((0.9, 0.05), (0.9, 0.01), (1.0, 0.01))],
+    # every knob at its strongest: the edited model alone, the text concepts replaced by the image's
+    "strongest": [{"alpha": 1.0, "beta": 1.0, "cd_alpha": 1.0, "cd_beta": 0.01}],
 }
 
 
@@ -167,14 +179,83 @@ def run(seeds, n: int, train_items: int, sweeps: list[str], out: Path) -> None:
         print(f"seed {seed}: trained in {train_s:.0f} s; {summary_line(runs)}", flush=True)
 
 
-def merge(out: Path) -> dict:
-    """{settings, seeds: {seed: result}} of every OUT/seed-S.json (the settings they share)."""
+def cost(n: int, repeats: int = 10) -> dict:
+    """Wall time per generated token of mitigated decoding over plain, on one batch of `n` test
+    images, per task (a 20-token description, a one-token POPE answer) and cd_beta: the two are
+    timed alternately `repeats` times (the first a warm-up) and each one's best time is kept, since
+    load from other work only ever adds time. The aligner and VL-SAE are untrained ones of the
+    benchmark's shapes: the cost does not depend on their weights."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, processor = load_world_llava()
+    aligner = Aligner(AlignerConfig(d_in=model.config.text_config.hidden_size, d_proj=SAE["d_in"])).eval()
+    sae = build_sae(SAE).eval()
+    images = [vqa_item(i, split="test", seed=0)[0].image for i in range(n)]
+
+    def plain(images, questions, max_new_tokens):
+        return answer(model, processor, images, questions, max_new_tokens=max_new_tokens)
+
+    out = {}
+    for task, question, max_new_tokens in (
+        ("describe", DESCRIBE_PROMPT, 20),
+        ("pope", "Is there a red circle?", 1),
+    ):
+        for cd_beta in sorted({DEFAULTS["cd_beta"], 0.01}, reverse=True):
+            setting = {**DEFAULTS, "cd_beta": cd_beta}
+            mitigated = functools.partial(mitigate, model, processor, aligner, sae, setting)
+            plain_ms, mitigated_ms = [], []
+            for _ in range(repeats):
+                for times, generate in ((plain_ms, plain), (mitigated_ms, mitigated)):
+                    start = time.perf_counter()
+                    replies = generate(images, [question] * n, max_new_tokens)
+                    times.append(
+                        1000 * (time.perf_counter() - start) / sum(len(r.split()) + 1 for r in replies)
+                    )
+            out[f"{task}, cd_beta={cd_beta}"] = {
+                "plain_ms_per_token": min(plain_ms[1:]),
+                "mitigated_ms_per_token": min(mitigated_ms[1:]),
+                "x_plain": min(mitigated_ms[1:]) / min(plain_ms[1:]),
+                "x_plain_median_of_pairs": statistics.median(
+                    m / p for p, m in zip(plain_ms[1:], mitigated_ms[1:], strict=True)
+                ),
+            }
+            print(task, cd_beta, out[f"{task}, cd_beta={cd_beta}"], flush=True)
+    return out
+
+
+def merge(out: Path, previous: Path | None = None) -> dict:
+    """{settings, seeds: {seed: result}} of every OUT/seed-S.json (the settings they share, in
+    SWEEPS' order). With `previous`, an earlier merged hallucination.json: each seed's settings
+    that OUT's runs lack are added from it (its plain and defaults give way to OUT's; such a run
+    keeps its own plain's time per token as `plain_seconds_per_token`, and its name is listed in
+    the seed's `previous_runs`). Its plain must agree with OUT's: the same model, test images and
+    greedy decoding."""
     seeds = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(out.glob("seed-*.json"))}
     if not seeds:
         raise SystemExit(f"no seed-*.json in {out}: run the benchmark first")
-    settings = [
+    if previous is not None:
+        earlier = json.loads(previous.read_text())["seeds"]
+        for seed, result in seeds.items():
+            old = earlier.get(str(seed))
+            if old is None:
+                continue
+            plain, old_plain = headline(result["runs"]["plain"]), headline(old["runs"]["plain"])
+            if any(plain[k] != old_plain[k] for k in plain if k != "seconds_per_token"):
+                raise SystemExit(f"seed {seed}: {previous}'s plain decoding differs from {out}'s")
+            for setting in old["settings"]:
+                name = json.dumps(setting, sort_keys=True)
+                if name not in result["runs"]:
+                    run = old["runs"][name]
+                    run["plain_seconds_per_token"] = old["runs"]["plain"]["seconds_per_token"]
+                    result["runs"][name] = run
+                    result["settings"].append(setting)
+                    result.setdefault("previous_runs", []).append(name)
+    order = {json.dumps({**DEFAULTS, **c}, sort_keys=True): None for cs in SWEEPS.values() for c in cs}
+    rank = {name: i for i, name in enumerate(order)}
+    shared = [
         s for s in next(iter(seeds.values()))["settings"] if all(s in r["settings"] for r in seeds.values())
     ]
+    settings = sorted(shared, key=lambda s: rank.get(json.dumps(s, sort_keys=True), len(rank)))
     return {"settings": settings, "seeds": seeds}
 
 
@@ -205,7 +286,10 @@ def table(results: dict) -> str:
     for name in names:
         values = [
             headline(s["runs"][name])
-            | {"cost_x_plain": s["runs"][name]["seconds_per_token"] / s["runs"]["plain"]["seconds_per_token"]}
+            | {
+                "cost_x_plain": s["runs"][name]["seconds_per_token"]
+                / s["runs"][name].get("plain_seconds_per_token", s["runs"]["plain"]["seconds_per_token"])
+            }
             for s in seeds
         ]
         cells = []
@@ -223,17 +307,22 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Hallucinated mentions and adversarial-POPE F1 against each swept option (others at defaults)."""
+    """Hallucinated mentions and adversarial-POPE F1 against each swept option (others at defaults;
+    settings that change two options at once are in the table only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seeds = list(results["seeds"].values())
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharey="row")
-    for col, option in enumerate(("alpha", "beta", "cd_alpha")):
-        points = [s for s in results["settings"] if all(s[k] == DEFAULTS[k] for k in DEFAULTS if k != option)]
-        points.sort(key=lambda s: s[option])
+
+    def varies(option):  # the settings at the defaults but for `option`, the defaults included
+        return [s for s in results["settings"] if all(s[k] == DEFAULTS[k] for k in DEFAULTS if k != option)]
+
+    options = [o for o in DEFAULTS if len(varies(o)) > 1]
+    fig, axes = plt.subplots(2, len(options), figsize=(4 * len(options), 6), sharey="row", squeeze=False)
+    for col, option in enumerate(options):
+        points = sorted(varies(option), key=lambda s: s[option])
         xs = [s[option] for s in points]
         for row, metric in enumerate(("hallucinated", "adversarial_f1")):
             ax = axes[row, col]
@@ -244,6 +333,10 @@ def plot(results: dict, path: Path) -> None:
                     headline(result["runs"]["plain"])[metric], ls="--", lw=0.8, color=ax.lines[-1].get_color()
                 )
             ax.set_xlabel(option)
+            if option == "cd_beta":  # swept over decades
+                ax.set_xscale("log")
+                ax.minorticks_off()
+                ax.set_xticks(xs, [f"{x:g}" for x in xs])
             ax.set_ylabel(metric if col == 0 else "")
     axes[0, 0].legend(fontsize=7, title="dashed: plain", title_fontsize=7)
     fig.suptitle("world LLaVA: mitigated decoding (others at their defaults) against plain")
@@ -259,12 +352,23 @@ def main() -> None:
     parser.add_argument("--sweep", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", action="store_true", help="only merge OUT's seed files and redraw")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="an earlier merged hallucination.json whose settings OUT's seed files lack are added per seed",
+    )
+    parser.add_argument(
+        "--cost", action="store_true", help="only time mitigated against plain decoding, alternately"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.cost:
+        (out / "hallucination_cost.json").write_text(json.dumps(cost(args.n), indent=1))
+        return
     if not args.report:
         run(args.seeds, args.n, args.train_items, args.sweep, out)
-    results = merge(out)
+    results = merge(out, args.previous)
     (out / "hallucination.json").write_text(json.dumps(results, indent=1))
     (out / "hallucination.md").write_text(table(results) + "\n")
     plot(results, out / "hallucination.png")
