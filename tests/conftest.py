@@ -1,6 +1,6 @@
 """Shared fixtures: a real SeaweedFS S3 server and a real local Ray, both on loopback; an SAE
 trained on the concept world, and datasets written shard by shard through the store (as
-extraction writes them).
+extraction writes them), and VL-SAEs fitted on world image and caption embeddings.
 
 `store_root` runs a test once on a local folder and once on an `s3://` bucket of the server.
 """
@@ -21,7 +21,7 @@ from vlsae_ray.backbones import Backbone, builtin_backbone
 from vlsae_ray.local_stack import SeaweedFS, connect_ray, free_port
 from vlsae_ray.sae import build_sae
 from vlsae_ray.train import fit_local
-from vlsae_ray.world import generate_items
+from vlsae_ray.world import generate_items, load_world_clip
 
 TEST_BUCKET = "vlsae-test"
 
@@ -110,6 +110,26 @@ def _write_dataset(
         start += rows
     store.commit(uri, manifest, records)
     return uri
+
+
+@pytest.fixture(scope="session")
+def world_vl_sae():
+    return _world_vl_sae
+
+
+def _world_vl_sae(n_items: int, seed: int, n_latents: int, k: int, batch_size: int):
+    """(image embeddings, caption embeddings, a VL-SAE fitted on both for 3 epochs) of `n_items`
+    world training items of `seed`, embedded by the world CLIP."""
+    model, preprocess, tokenizer = load_world_clip()
+    items = generate_items(n_items, seed=seed)
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([preprocess(item.image) for item in items]))
+        texts = model.encode_text(tokenizer([item.caption for item in items]))
+    torch.manual_seed(0)
+    sae = build_sae({"architecture": "vl_sae", "d_in": images.shape[1], "n_latents": n_latents, "k": k})
+    modality = torch.arange(2 * n_items) >= n_items
+    fit_local(sae, torch.cat([images, texts]), batch_size=batch_size, epochs=3, seed=0, modality=modality)
+    return images, texts, sae.eval()
 
 
 @pytest.fixture(scope="session")

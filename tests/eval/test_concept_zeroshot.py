@@ -17,8 +17,6 @@ from vlsae_ray.eval.concept_zeroshot import (
 )
 from vlsae_ray.eval.downstream import IMAGE_EMBEDDING, zero_shot_with_sae
 from vlsae_ray.interpret.naming import in_heldout_fold
-from vlsae_ray.sae import build_sae
-from vlsae_ray.train import fit_local
 from vlsae_ray.world import generate_items, load_world_clip, zero_shot_accuracy
 from vlsae_ray.world.zeroshot import class_embeddings
 
@@ -33,19 +31,9 @@ def clip():
 
 
 @pytest.fixture(scope="module")
-def vlsae(clip):
+def vlsae(world_vl_sae):
     """A VL-SAE trained on the image and caption embeddings of 256 world training items."""
-    model, preprocess, tokenizer = clip
-    items = generate_items(256, seed=5)
-    with torch.no_grad():
-        images = model.encode_image(torch.stack([preprocess(item.image) for item in items]))
-        texts = model.encode_text(tokenizer([item.caption for item in items]))
-    torch.manual_seed(0)
-    sae = build_sae({"architecture": "vl_sae", "d_in": images.shape[1], "n_latents": 256, "k": 16})
-    fit_local(
-        sae, torch.cat([images, texts]), batch_size=128, epochs=3, seed=0, modality=torch.arange(512) >= 256
-    )
-    return sae.eval()
+    return world_vl_sae(256, seed=5, n_latents=256, k=16, batch_size=128)[2]
 
 
 def test_choose_alpha_takes_the_best_and_the_smallest_among_ties():

@@ -2,32 +2,18 @@
 direct computation of both encodings."""
 
 import pytest
-import torch
 
 from vlsae_ray.interpret.catalog import SCHEMA, read_catalog, write_catalog
 from vlsae_ray.interpret.explain import PairConcept, catalog_names, explain_pair
-from vlsae_ray.sae import build_sae
-from vlsae_ray.train import fit_local
-from vlsae_ray.world import generate_items, load_world_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = 256
 
 
 @pytest.fixture(scope="module")
-def pairs():
+def pairs(world_vl_sae):
     """(image embeddings, caption embeddings) of N world items, and a VL-SAE trained on both."""
-    model, preprocess, tokenizer = load_world_clip()
-    items = generate_items(N, seed=3)
-    with torch.no_grad():
-        images = model.encode_image(torch.stack([preprocess(item.image) for item in items]))
-        texts = model.encode_text(tokenizer([item.caption for item in items]))
-    torch.manual_seed(0)
-    sae = build_sae({"architecture": "vl_sae", "d_in": images.shape[1], "n_latents": 128, "k": 8})
-    fit_local(
-        sae, torch.cat([images, texts]), batch_size=64, epochs=3, seed=0, modality=torch.arange(2 * N) >= N
-    )
-    return images, texts, sae.eval()
+    return world_vl_sae(N, seed=3, n_latents=128, k=8, batch_size=64)
 
 
 def test_pair_explanation_matches_both_encodings(pairs, tmp_path):
