@@ -153,6 +153,7 @@ def run(seeds, n: int, train_items: int, sweeps: list[str], out: Path) -> None:
     processes on one OUT; `merge` gathers them)."""
     torch.set_num_threads(2)
     model, processor = load_world_llava()
+    plain = functools.partial(answer, model, processor)  # (images, questions, max_new_tokens)
     settings = [{**DEFAULTS, **change} for name in sweeps for change in SWEEPS[name]]
     for seed in seeds:
         with tempfile.TemporaryDirectory() as root:
@@ -160,10 +161,6 @@ def run(seeds, n: int, train_items: int, sweeps: list[str], out: Path) -> None:
             aligner, sae, aligner_metrics = train_models(seed, train_items, root)
             train_s = time.perf_counter() - start
         items = [vqa_item(i, split="test", seed=seed) for i in range(n)]
-
-        def plain(images, questions, max_new_tokens):
-            return answer(model, processor, images, questions, max_new_tokens=max_new_tokens)
-
         runs = {"plain": measure(plain, items)}
         for setting in settings:
             mitigated = functools.partial(mitigate, model, processor, aligner, sae, setting)
@@ -191,9 +188,7 @@ def cost(n: int, repeats: int = 10) -> dict:
     aligner = Aligner(AlignerConfig(d_in=model.config.text_config.hidden_size, d_proj=SAE["d_in"])).eval()
     sae = build_sae(SAE).eval()
     images = [vqa_item(i, split="test", seed=0)[0].image for i in range(n)]
-
-    def plain(images, questions, max_new_tokens):
-        return answer(model, processor, images, questions, max_new_tokens=max_new_tokens)
+    plain = functools.partial(answer, model, processor)
 
     out = {}
     for task, question, max_new_tokens in (
