@@ -186,8 +186,11 @@ def test_sharded_worker_peak_matches_the_plan(tmp_path):
     planned = plan(d, n_latents, k, batch, "fp32", 2, 80).layout(1, 2, 0)
     estimate = max(planned.activations.total, planned.temporaries)
     for measured in ranks:
-        # held: the states plus bookkeeping (dead-latent counters, process-group buffers)
-        assert 0 <= measured["held"] - planned.states < 0.05 * planned.states
+        # held: the states, the [F / 2] int64 dead-latent counters, and whatever of the warm-up step's
+        # collective buffers gloo's threads have not yet freed (measured 0 to 180 KB, varying run to
+        # run): at most the gathered candidates and the summed reconstruction
+        in_flight = planned.activations.candidates + planned.activations.reconstruction
+        assert 0 <= measured["held"] - planned.states - 8 * n_latents // 2 < in_flight
         assert measured["peak"] == pytest.approx(estimate, rel=TOLERANCE), (measured, planned.activations)
 
 
