@@ -22,7 +22,7 @@ from vlsae_ray.activations import store
 from vlsae_ray.activations.reader import ActivationStream, StreamPosition
 from vlsae_ray.config import TrainConfig
 from vlsae_ray.sae import SparseAutoencoder, build_sae, parse_config
-from vlsae_ray.train import SAETrainer, checkpoint
+from vlsae_ray.train import SAETrainer, checkpoint, fit_local
 from vlsae_ray.train.parallel import LatentShardedSAE, ParallelLayout
 from vlsae_ray.train.ray_train import INIT_SAMPLES, TrainSummary, run_train
 
@@ -222,22 +222,30 @@ def test_latent_sharding_that_cannot_split_the_sae_is_refused_before_launch(
 def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
     ray_cluster, s3_root, tmp_path, assert_same_sae, wait_for, kill_a_worker
 ):
-    """DeepSpeed ZeRO-2 and DDP runs resume to the weights of an uninterrupted ZeRO-2 run.
+    """DeepSpeed ZeRO-2 and DDP runs resume to the weights of an uninterrupted run.
 
-    ZeRO and DDP give the same weights (test_parallel.py), so one reference serves both.
+    ZeRO, DDP and one process on both data-parallel parts' batches give the same weights
+    (test_parallel.py), so `fit_local`'s run serves as the uninterrupted one for both.
     """
     import ray
 
     root = activations(str(tmp_path / "acts"))
     options = {"num_workers": 2, "epochs": 4, "batch_size": 32, "checkpoint_every": 8}
-    uninterrupted = train_config(root, str(tmp_path / "uninterrupted"), zero_stage=2, **options)
-    summary = run_train(uninterrupted)
-    # metrics every 10 steps and at the end, as TensorBoard scalars beside the SAE
-    events = EventAccumulator(str(tmp_path / "uninterrupted" / "tensorboard"))
-    events.Reload()
-    fvu = events.Scalars("fvu")
-    assert [e.step for e in fvu] == [*range(10, summary.steps, 10), summary.steps]
-    assert fvu[-1].value == pytest.approx(summary.metrics["fvu"])
+    one_process = train_config(root, str(tmp_path / "uninterrupted"), **options)
+    torch.manual_seed(one_process.training.seed)  # as the workers build their SAE
+    reference = build_sae(one_process.sae)
+    fit_local(
+        reference,
+        root,
+        seed=one_process.training.seed,
+        lr=1e-3,
+        parts=2,
+        init_samples=INIT_SAMPLES,
+        epochs=4,
+        batch_size=32,
+    )
+    reference.save(one_process.output)
+    uninterrupted = SparseAutoencoder.load(one_process.output)
 
     # A worker killed midway: Ray Train restarts the workers, which resume from the last checkpoint,
     # here on S3, each from its own partition of Adam's state and the fp32 master weights.
@@ -252,7 +260,7 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
         kill_a_worker(ray_cluster)
         assert not run.done()
         assert run.result(timeout=300).steps == total
-    assert_same_sae(SparseAutoencoder.load(uninterrupted.output), SparseAutoencoder.load(zero.output))
+    assert_same_sae(uninterrupted, SparseAutoencoder.load(zero.output))
     # Rank 0 started a second event log after the restart, at a checkpoint (step 12 or later), not
     # at the start: its first step is past 12, where a fresh start would report step 10.
     bucket, prefix = storage.join(zero.output, "tensorboard").removeprefix("s3://").split("/", 1)
@@ -307,7 +315,7 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
     resumed = run_train(config)  # the job resubmitted: it goes on from the checkpoint
     assert resumed.steps == total
     assert resumed.samples_per_second > 0
-    assert_same_sae(SparseAutoencoder.load(uninterrupted.output), SparseAutoencoder.load(config.output))
+    assert_same_sae(uninterrupted, SparseAutoencoder.load(config.output))
     kept = json.loads(storage.read_text(latest))["kept"]
     assert kept == [total - 8, total]  # older checkpoints are deleted, each rank's two files
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*/rank-*"))) == 2 * 2 * 2
@@ -318,6 +326,12 @@ def test_bf16_training_through_ray_train_is_the_one_process_bf16_step(ray_cluste
     root = activations(str(tmp_path / "acts"))
     config = train_config(root, str(tmp_path / "sae"), num_workers=1, epochs=1, precision="bf16")
     summary = run_train(config)
+    # metrics every 10 steps and at the end, as TensorBoard scalars beside the SAE
+    events = EventAccumulator(str(tmp_path / "sae" / "tensorboard"))
+    events.Reload()
+    fvu = events.Scalars("fvu")
+    assert [e.step for e in fvu] == [*range(10, summary.steps, 10), summary.steps]
+    assert fvu[-1].value == pytest.approx(summary.metrics["fvu"])
 
     stream = ActivationStream(root, batch_size=64, seed=config.training.seed, window_shards=4)
     runs = {}
