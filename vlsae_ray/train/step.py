@@ -224,6 +224,9 @@ class SAETrainer:
         if self.model is not self.sae:
             raise ValueError("pass the bare SAE with DeepSpeed: the engine replaces DistributedDataParallel")
         self.sae.W_dec_fd.register_hook(self.sae.without_parallel_grad)
+        # On CPU DeepSpeed's communication backend would JIT-compile its shared-memory all-reduce (a
+        # C++ build of 20-50 s in each new environment), which only its inference path uses: off.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         config = {
             "train_micro_batch_size_per_gpu": 1,  # batches are cut by our stream; DeepSpeed only checks these
             "gradient_accumulation_steps": 1,
