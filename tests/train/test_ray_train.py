@@ -232,17 +232,18 @@ def test_killed_worker_or_job_resumes_to_the_weights_of_an_uninterrupted_run(
     root = activations(str(tmp_path / "acts"))
     options = {"num_workers": 2, "epochs": 4, "batch_size": 32, "checkpoint_every": 8}
     one_process = train_config(root, str(tmp_path / "uninterrupted"), **options)
-    torch.manual_seed(one_process.training.seed)  # as the workers build their SAE
+    training = one_process.training
+    torch.manual_seed(training.seed)  # as the workers build their SAE
     reference = build_sae(one_process.sae)
     fit_local(
         reference,
         root,
-        seed=one_process.training.seed,
-        lr=1e-3,
-        parts=2,
+        batch_size=training.batch_size,
+        epochs=training.epochs,
+        seed=training.seed,
         init_samples=INIT_SAMPLES,
-        epochs=4,
-        batch_size=32,
+        parts=training.num_workers,
+        lr=training.lr,
     )
     reference.save(one_process.output)
     uninterrupted = SparseAutoencoder.load(one_process.output)
