@@ -72,7 +72,7 @@ def ray_cluster(s3_server) -> str:
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     # A Ray Data execution holds its share of the cluster through requests that expire after 180 s
     # unless renewed (every 10 s). A driver the tests kill never cancels its own, so for 3 minutes the
-    # next execution got half the 2 CPUs: its model actor took them all and no shard was written
+    # next execution got 1 of the 2 CPUs: its model actor held that one and no shard was written
     # (seen in CI: the killed-actor test waited 175 s). Drivers started from here expire theirs sooner.
     os.environ["RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"] = "30"
     # the cluster's `python` is the one with this project installed, as on a user's cluster image
