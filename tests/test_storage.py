@@ -82,6 +82,17 @@ def test_version_changes_with_the_object(store_root):
 
 
 @contextlib.contextmanager
+def s3_event_handler(event: str, handler):
+    """`handler` registered for the S3 client's botocore `event` inside the block."""
+    events = storage.s3_client().meta.events
+    events.register(event, handler)
+    try:
+        yield
+    finally:
+        events.unregister(event, handler)
+
+
+@contextlib.contextmanager
 def s3_calls():
     """Counts the S3 API calls made inside the block, by operation name."""
     calls = collections.Counter()
@@ -89,12 +100,8 @@ def s3_calls():
     def count(model, **_):
         calls[model.name] += 1
 
-    events = storage.s3_client().meta.events
-    events.register("before-call.s3", count)
-    try:
+    with s3_event_handler("before-call.s3", count):
         yield calls
-    finally:
-        events.unregister("before-call.s3", count)
 
 
 def test_list_prefix_lists_a_folder_at_any_depth(store_root):
@@ -118,13 +125,8 @@ def test_list_prefix_pages_through_s3(s3_root):
     def pages_of_10(params, **_):
         params["MaxKeys"] = 10
 
-    events = storage.s3_client().meta.events
-    events.register("before-parameter-build.s3.ListObjectsV2", pages_of_10)
-    try:
-        with s3_calls() as calls:
-            listed = storage.list_prefix(s3_root)
-    finally:
-        events.unregister("before-parameter-build.s3.ListObjectsV2", pages_of_10)
+    with s3_event_handler("before-parameter-build.s3.ListObjectsV2", pages_of_10), s3_calls() as calls:
+        listed = storage.list_prefix(s3_root)
     assert list(listed) == uris
     assert calls == {"ListObjectsV2": 3}
 
